@@ -1,0 +1,39 @@
+# merge-cli developer commands. `make demo` and `make test` set up everything they need.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python scripts/make_example_models.py examples/models
+	$(BIN)/merge-cli run recipes/examples/linear.yaml --out examples/merged --overwrite
+	$(BIN)/merge-cli inspect examples/merged
+
+test: venv
+	$(BIN)/ruff check merge_cli tests scripts recipes
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check merge_cli tests scripts recipes
+	$(BIN)/ruff format --check merge_cli tests scripts recipes
+
+bench: venv
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) examples bench-data
