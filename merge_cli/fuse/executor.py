@@ -1,0 +1,198 @@
+"""The streaming executor: runs a per-tensor method over a plan, tensor by tensor.
+
+For each output tensor in plan order it reads the inputs on demand (in row chunks when the
+tensor is larger than the chunk budget), computes in float32 on the chosen device, casts to
+the output dtype and hands the result to the writer. Reads run on a background thread one
+unit ahead, so reading the next tensor overlaps computing and writing the current one.
+Peak memory depends on the chunk budget and the number of inputs, never on the model size.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from merge_cli.errors import MergeCliError, PlanError
+from merge_cli.fuse.params import count_layers, layer_position, resolve_params
+from merge_cli.fuse.plan import MergePlan, OutputTensor, Source
+from merge_cli.fuse.registry import Method, TensorJob
+from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.writer import ShardedWriter
+from merge_cli.progress import NullProgress, Progress
+from merge_cli.recipe import FuseSpec
+
+#: Default budget for one input chunk, in float32 bytes (rows are grouped up to this size).
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    device: str = "cpu"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    prefetch: bool = True
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed that depends only on the recipe seed and the tensor name."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62
+
+
+def row_chunks(shape: tuple[int, ...], chunk_bytes: int, chunkable: bool) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` that split a tensor into chunks within the budget."""
+    if not shape:
+        return [(0, 0)]
+    rows = shape[0]
+    row_bytes = 4 * max(1, int(torch.Size(shape[1:]).numel()))
+    per_chunk = rows if not chunkable else max(1, chunk_bytes // row_bytes)
+    return [(start, min(rows, start + per_chunk)) for start in range(0, max(rows, 1), per_chunk)]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    tensor: OutputTensor
+    rows: tuple[int, int]
+    whole: bool
+
+
+def _read(checkpoints: dict[str, Checkpoint], source: Source, unit: _Unit) -> torch.Tensor:
+    model, name = source
+    return checkpoints[model].read(name, None if unit.whole else unit.rows)
+
+
+def _read_unit(checkpoints: dict[str, Checkpoint], unit: _Unit) -> list[torch.Tensor]:
+    tensor = unit.tensor
+    sources = [tensor.copy_from] if tensor.copy_from else list(tensor.inputs)
+    if tensor.base is not None:
+        sources.append(tensor.base)
+    return [_read(checkpoints, source, unit) for source in sources]
+
+
+def execute(
+    plan: MergePlan,
+    method: Method,
+    spec: FuseSpec,
+    checkpoints: dict[str, Checkpoint],
+    writer: ShardedWriter,
+    options: ExecutionOptions = ExecutionOptions(),
+    progress: Progress | None = None,
+) -> None:
+    """Compute every tensor of ``plan`` and write it with ``writer``."""
+    progress = progress or NullProgress()
+    device = torch.device(options.device)
+    num_layers = count_layers([t.name for t in plan.tensors])
+    units = _units(plan, method, options)
+    progress.start(f"merging with {method.name}", plan.bytes_written)
+    stats_cache: dict[str, object] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-cli-read") as pool:
+        for unit, raw in _prefetched(units, checkpoints, pool, options.prefetch):
+            tensor = unit.tensor
+            try:
+                if tensor.copy_from is not None:
+                    result = raw[0].to(tensor.dtype)
+                else:
+                    result = _merge_unit(
+                        unit,
+                        raw,
+                        plan,
+                        method,
+                        spec,
+                        checkpoints,
+                        device,
+                        options,
+                        num_layers,
+                        stats_cache,
+                    )
+            except MergeCliError:
+                raise
+            except (ValueError, RuntimeError) as error:
+                raise PlanError(f"fuse ({method.name}): tensor {tensor.name!r}: {error}") from error
+            writer.write(tensor.name, result)
+            progress.advance(result.numel() * result.element_size())
+    progress.finish()
+
+
+def _units(plan: MergePlan, method: Method, options: ExecutionOptions) -> list[_Unit]:
+    units = []
+    for tensor in plan.tensors:
+        chunks = row_chunks(
+            tensor.shape, options.chunk_bytes, method.chunkable or tensor.copy_from is not None
+        )
+        whole = len(chunks) == 1
+        units += [_Unit(tensor, rows, whole) for rows in chunks]
+    return units
+
+
+def _prefetched(
+    units: list[_Unit], checkpoints: dict[str, Checkpoint], pool: ThreadPoolExecutor, prefetch: bool
+) -> Iterator[tuple[_Unit, list[torch.Tensor]]]:
+    """Yield each unit with its raw input tensors, reading the next one in the background."""
+    if not prefetch:
+        for unit in units:
+            yield unit, _read_unit(checkpoints, unit)
+        return
+    pending: Future | None = None
+    for i, unit in enumerate(units):
+        current = pending or pool.submit(_read_unit, checkpoints, unit)
+        pending = pool.submit(_read_unit, checkpoints, units[i + 1]) if i + 1 < len(units) else None
+        yield unit, current.result()
+
+
+def _merge_unit(
+    unit: _Unit,
+    raw: list[torch.Tensor],
+    plan: MergePlan,
+    method: Method,
+    spec: FuseSpec,
+    checkpoints: dict[str, Checkpoint],
+    device: torch.device,
+    options: ExecutionOptions,
+    num_layers: int,
+    stats_cache: dict[str, object],
+) -> torch.Tensor:
+    tensor = unit.tensor
+    assert method.merge is not None
+    params = resolve_params(
+        spec, method, plan.model_names, tensor.name, layer_position(tensor.name, num_layers)
+    )
+    seed = tensor_seed(spec.seed, tensor.name)
+
+    def to_job(rows: tuple[int, int], inputs: list[torch.Tensor]) -> TensorJob:
+        floats = [x.to(device=device, dtype=torch.float32) for x in inputs]
+        base = floats.pop() if tensor.base is not None else None
+        return TensorJob(tensor.name, floats, base, rows, tensor.shape, seed)
+
+    job = to_job(unit.rows, raw)
+    stats = None
+    if method.statistics is not None:
+        if unit.whole:
+            stats = method.statistics(lambda: iter([job]), params.method, params.models)
+        else:
+            if tensor.name not in stats_cache:
+                stats_cache.clear()
+                stats_cache[tensor.name] = method.statistics(
+                    _chunk_factory(tensor, checkpoints, options, method, to_job),
+                    params.method,
+                    params.models,
+                )
+            stats = stats_cache[tensor.name]
+    return method.merge(job, params.method, params.models, stats).to(tensor.dtype).cpu()
+
+
+def _chunk_factory(
+    tensor: OutputTensor,
+    checkpoints: dict[str, Checkpoint],
+    options: ExecutionOptions,
+    method: Method,
+    to_job: Callable[[tuple[int, int], list[torch.Tensor]], TensorJob],
+) -> Callable[[], Iterator[TensorJob]]:
+    """A factory of fresh passes over a large tensor's chunks (for whole-tensor statistics)."""
+
+    def passes() -> Iterator[TensorJob]:
+        for rows in row_chunks(tensor.shape, options.chunk_bytes, method.chunkable):
+            yield to_job(rows, _read_unit(checkpoints, _Unit(tensor, rows, False)))
+
+    return passes

@@ -1,0 +1,83 @@
+"""The method registry's entry type.
+
+A fuse method is a plain function plus one :class:`Method` entry that says what it needs
+(base model? data?), which parameters it takes (pydantic models, validated once when the
+recipe is loaded) and how the executor drives it:
+
+* **per-tensor** methods set ``merge``: a function from one tensor's inputs (a
+  :class:`TensorJob`) to one output tensor. The executor streams them tensor by tensor, in
+  row chunks for large tensors. A method that needs a whole-tensor statistic (a magnitude
+  threshold, a norm, an angle) also sets ``statistics``, which receives a factory of chunk
+  iterators so it can make as many passes as it needs before ``merge`` sees the first chunk.
+* **whole-model** methods set ``fuse_model``: they receive the loaded inputs and the task
+  and return a checkpoint (usually an :class:`~merge_cli.io.InMemoryCheckpoint`) that the
+  writer saves.
+
+``plan_tensors`` lets a method choose the output tensors itself (passthrough's layer
+stacking); by default every tensor of the first input is merged from the same-named tensor
+of every input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class NoParams(BaseModel):
+    """Parameter schema of a method without parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One chunk of one output tensor, with the inputs a per-tensor method needs.
+
+    ``models`` are the fused models' tensors (in ``fuse.models`` order) and ``base`` the base
+    model's, all float32 on the compute device, restricted to rows ``rows`` of the full
+    tensor of shape ``shape``.
+    """
+
+    name: str
+    models: list[torch.Tensor]
+    base: torch.Tensor | None
+    rows: tuple[int, int]
+    shape: tuple[int, ...]
+    seed: int
+
+
+#: (job, method params, per-model params, statistics) -> merged chunk
+MergeFn = Callable[[TensorJob, Any, list[Any], Any], torch.Tensor]
+#: (chunk factory, method params, per-model params) -> statistics passed to MergeFn
+StatisticsFn = Callable[[Callable[[], Iterator[TensorJob]], Any, list[Any]], Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: one fusion method and how to run it."""
+
+    name: str
+    family: Literal["weight_average", "ensemble", "connectivity"]
+    summary: str
+    reference: str
+    params: type[BaseModel] = NoParams
+    model_params: type[BaseModel] = NoParams
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    merge: MergeFn | None = None
+    statistics: StatisticsFn | None = None
+    #: False when a chunk's result depends on other rows (the executor then never splits).
+    chunkable: bool = True
+    plan_tensors: Callable[..., Any] | None = None
+    fuse_model: Callable[..., Any] | None = None
+    needs_task: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        return self.merge is not None

@@ -1,0 +1,182 @@
+"""Lazy checkpoints: names, shapes and dtypes up front, tensor data only on demand.
+
+Every input the pipeline touches is a :class:`Checkpoint`. Implementations here cover
+safetensors files (one file or a sharded directory) and in-memory state dicts; ``.bin``/``.pt``
+state dicts live in :mod:`merge_cli.io.torch_format`. Later stages wrap checkpoints in views
+(e.g. alignment's permuted view) that implement the same protocol.
+
+Reading a safetensors tensor opens the file, copies the requested rows out of the memory
+map and closes it again, so pages of a multi-GB input never stay mapped into the process:
+peak RSS stays bounded by the tensors in flight, not by the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from merge_cli.errors import CheckpointError
+from merge_cli.io.dtypes import SAFETENSORS_TO_TORCH
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a tensor before reading it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@runtime_checkable
+class Checkpoint(Protocol):
+    """A lazily read set of named tensors."""
+
+    #: Human-readable origin (a path or URL), used in error messages.
+    source: str
+    #: Directory that holds config/tokenizer files, if any.
+    directory: Path | None
+
+    def tensor_names(self) -> list[str]:
+        """Tensor names in storage order."""
+        ...
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype of ``name``; raises :class:`CheckpointError` if absent."""
+        ...
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read ``name`` (or only rows ``[start, stop)`` of its first axis) as a CPU tensor."""
+        ...
+
+
+def missing_tensor(source: str, name: str) -> CheckpointError:
+    return CheckpointError(f"{source}: has no tensor named {name!r}")
+
+
+class SafetensorsCheckpoint:
+    """One or more safetensors files viewed as one checkpoint."""
+
+    def __init__(self, files: list[Path], source: str, directory: Path | None):
+        self.source = source
+        self.directory = directory
+        self._infos: dict[str, TensorInfo] = {}
+        self._file_of: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        for file in files:
+            for info in _read_safetensors_header(file):
+                if info.name in self._infos:
+                    raise CheckpointError(
+                        f"{source}: tensor {info.name!r} appears in both "
+                        f"{self._file_of[info.name].name} and {file.name}"
+                    )
+                self._infos[info.name] = info
+                self._file_of[info.name] = file
+
+    def tensor_names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise missing_tensor(self.source, name) from None
+
+    def file_of(self, name: str) -> Path:
+        self.info(name)
+        return self._file_of[name]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        info = self.info(name)
+        path = self._file_of[name]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if rows is None or not info.shape:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[rows[0] : rows[1]]
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r}: {error}") from error
+
+
+def _read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Validate a safetensors file's header (and its length) and list its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            infos = []
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                tensor_slice = handle.get_slice(name)
+                code = tensor_slice.get_dtype()
+                if code not in SAFETENSORS_TO_TORCH:
+                    raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+                infos.append(
+                    TensorInfo(name, tuple(tensor_slice.get_shape()), SAFETENSORS_TO_TORCH[code])
+                )
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file ({error}); the file may be truncated or "
+            "corrupt — download or copy it again"
+        ) from error
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot open ({error.strerror or error})") from error
+    return _in_file_order(path, infos)
+
+
+def _in_file_order(path: Path, infos: list[TensorInfo]) -> list[TensorInfo]:
+    """Sort tensors by their offset in the file, so reads walk the file forwards."""
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    return sorted(infos, key=lambda info: header[info.name]["data_offsets"][0])
+
+
+class InMemoryCheckpoint:
+    """A state dict held in memory, seen through the Checkpoint protocol.
+
+    Whole-model methods (Fisher, RegMean, curve training, ...) return one of these so the
+    streaming writer saves their result like any other merge.
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        source: str = "<memory>",
+        directory: Path | None = None,
+    ):
+        self._tensors = dict(tensors)
+        self.source = source
+        self.directory = directory
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            tensor = self._tensors[name]
+        except KeyError:
+            raise missing_tensor(self.source, name) from None
+        return TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        self.info(name)
+        tensor = self._tensors[name]
+        return tensor if rows is None else tensor[rows[0] : rows[1]]
+
+
+def read_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """Read a whole checkpoint into memory (for small models and data-aware methods)."""
+    return {name: checkpoint.read(name) for name in checkpoint.tensor_names()}

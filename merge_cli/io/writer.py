@@ -1,0 +1,209 @@
+"""Streaming writer for Hugging Face–style sharded safetensors checkpoints.
+
+Because the merge plan fixes every output tensor's name, shape and dtype before any data is
+read, each shard's safetensors header is written first and tensor bytes are then appended
+as they are computed — chunk by chunk for large tensors. Memory never holds more than the
+chunk being written, whatever ``shard_size`` is.
+
+Everything is written into a temporary sibling directory that is renamed into place only
+when complete, so an interrupted or failed run never leaves a half-written checkpoint at the
+target path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from merge_cli.errors import OutputError
+from merge_cli.io.checkpoint import TensorInfo
+from merge_cli.io.dtypes import TORCH_TO_SAFETENSORS
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_header(tensors: list[TensorInfo], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length + JSON header of a safetensors file holding ``tensors`` in order."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for info in tensors:
+        header[info.name] = {
+            "dtype": TORCH_TO_SAFETENSORS[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + info.nbytes],
+        }
+        offset += info.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # align the data section to 8 bytes, as safetensors does
+    return len(text).to_bytes(8, "little") + text
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class ShardedWriter:
+    """Writes shards tensor by tensor into a temporary directory, then renames it into place.
+
+    Use as a context manager: leaving the block with an exception removes the temporary
+    directory, leaving the target untouched.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        shards: list[list[TensorInfo]],
+        file_names: list[str],
+        overwrite: bool = False,
+    ):
+        self.target = target
+        self.shards = shards
+        self.file_names = file_names
+        self.overwrite = overwrite
+        if target.exists() and not overwrite:
+            raise OutputError(
+                f"{target}: output already exists; pass --overwrite to replace it, "
+                "or choose another --out"
+            )
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"{target}: exists and is not a directory")
+        self.temp = target.parent / f".{target.name}.partial-{os.getpid()}"
+        self._shard = -1
+        self._handle = None
+        self._expected: list[tuple[TensorInfo, int]] = []  # (tensor, bytes still to write)
+
+    # -- context manager -------------------------------------------------------------
+    def __enter__(self) -> ShardedWriter:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            if self.temp.exists():
+                shutil.rmtree(self.temp)
+            self.temp.mkdir()
+        except OSError as error:
+            raise self._os_error(error, self.temp) from error
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    # -- writing ---------------------------------------------------------------------
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """Append ``data`` (all of tensor ``name``, or its next row chunk) to the output."""
+        if not self._expected:
+            self._open_next_shard()
+        info, remaining = self._expected[0]
+        if name != info.name or data.dtype != info.dtype:
+            raise AssertionError(
+                f"writer expected {info.name} ({info.dtype}), got {name} ({data.dtype})"
+            )
+        payload = tensor_bytes(data.cpu())
+        if payload.nbytes > remaining:
+            raise AssertionError(f"writer: too many bytes for {name}")
+        self._write_bytes(payload)
+        remaining -= payload.nbytes
+        if remaining:
+            self._expected[0] = (info, remaining)
+        else:
+            self._expected.pop(0)
+            if not self._expected:
+                self._close_shard()
+
+    def _open_next_shard(self) -> None:
+        self._shard += 1
+        if self._shard >= len(self.shards):
+            raise AssertionError("writer: more tensors than planned")
+        tensors = self.shards[self._shard]
+        path = self.temp / self.file_names[self._shard]
+        try:
+            self._handle = open(path, "wb")  # noqa: SIM115 - closed in _close_shard/abort
+        except OSError as error:
+            raise self._os_error(error, path) from error
+        self._expected = [(info, info.nbytes) for info in tensors]
+        self._write_bytes(safetensors_header(tensors))
+        # zero-byte tensors need no data
+        while self._expected and self._expected[0][1] == 0:
+            self._expected.pop(0)
+
+    def _write_bytes(self, payload: bytes | memoryview) -> None:
+        assert self._handle is not None
+        try:
+            self._handle.write(payload)
+        except OSError as error:
+            raise self._os_error(error, Path(self._handle.name)) from error
+
+    def _close_shard(self) -> None:
+        assert self._handle is not None
+        try:
+            self._handle.close()
+        except OSError as error:
+            raise self._os_error(error, Path(self._handle.name)) from error
+        self._handle = None
+
+    # -- finishing -------------------------------------------------------------------
+    def write_text(self, relative: str, text: str) -> None:
+        path = self.temp / relative
+        try:
+            path.write_text(text)
+        except OSError as error:
+            raise self._os_error(error, path) from error
+
+    def copy_file(self, source: Path, relative: str) -> None:
+        try:
+            shutil.copyfile(source, self.temp / relative)
+        except OSError as error:
+            raise self._os_error(error, self.temp / relative) from error
+
+    def finish(self) -> Path:
+        """Check that every planned byte was written, write the index, move into place."""
+        if self._shard != len(self.shards) - 1 or self._expected:
+            raise AssertionError("writer: finished before every planned tensor was written")
+        if len(self.shards) > 1:
+            weight_map = {
+                info.name: file_name
+                for tensors, file_name in zip(self.shards, self.file_names, strict=True)
+                for info in tensors
+            }
+            total = sum(info.nbytes for tensors in self.shards for info in tensors)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            self.write_text(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
+        try:
+            if self.target.exists():
+                old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+                os.replace(self.target, old)
+                os.replace(self.temp, self.target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.temp, self.target)
+        except OSError as error:
+            raise self._os_error(error, self.target) from error
+        return self.target
+
+    def _os_error(self, error: OSError, path: Path) -> OutputError:
+        self.abort()
+        if error.errno == errno.ENOSPC:
+            reason = "the disk is full"
+        elif error.errno in (errno.EACCES, errno.EPERM):
+            reason = "permission denied"
+        else:
+            reason = error.strerror or str(error)
+        return OutputError(f"{path}: cannot write ({reason}); nothing was written at {self.target}")

@@ -1,0 +1,279 @@
+"""The pipeline: load → align → fuse → save → evaluate, driven by a validated Recipe.
+
+This module wires the stages together; each stage lives in its own package. It holds no
+state of its own: everything a run needs is in the :class:`Recipe` and :class:`RunOptions`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merge_cli import __version__, fuse
+from merge_cli.errors import OutputError, PlanError
+from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
+from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
+from merge_cli.fuse.registry import Method
+from merge_cli.io.checkpoint import Checkpoint, TensorInfo
+from merge_cli.io.resolve import open_checkpoint
+from merge_cli.io.writer import ShardedWriter
+from merge_cli.progress import NullProgress, Progress
+from merge_cli.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    device: str = "cpu"
+    overwrite: bool = False
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    progress: Progress = field(default_factory=NullProgress)
+
+
+@dataclass
+class RunResult:
+    """What a run produced, for the CLI's summary and ``--json``."""
+
+    output: Path | None
+    plan: dict[str, Any] | None
+    seconds: float
+    evaluation: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def open_models(recipe: Recipe, names: list[str] | None = None) -> dict[str, Checkpoint]:
+    """Open (headers only) the recipe's models, or those named."""
+    return {
+        name: open_checkpoint(recipe.models[name].path)
+        for name in (names if names is not None else list(recipe.models))
+    }
+
+
+def method_of(recipe: Recipe) -> Method:
+    assert recipe.fuse is not None
+    return fuse.METHODS[recipe.fuse.method]
+
+
+def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
+    """The merge plan of a streaming method, from headers only."""
+    spec = recipe.fuse
+    assert spec is not None and recipe.save is not None
+    method = method_of(recipe)
+    model_names = spec.model_names(list(recipe.models))
+    params = method.params.model_validate(
+        {k: v for k, v in spec.params.items() if k in method.params.model_fields}
+    )
+    return build_plan(
+        method,
+        params,
+        checkpoints,
+        model_names,
+        spec.base,
+        recipe.save.dtype,
+        int(recipe.save.shard_size),
+    )
+
+
+def plan_summary(
+    recipe: Recipe,
+    plan: MergePlan,
+    checkpoints: dict[str, Checkpoint],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, Any]:
+    """Bytes read and written, shards, and the expected peak memory of a streaming run."""
+    method = method_of(recipe)
+    read = 0
+    largest_chunk = 0
+    for tensor in plan.tensors:
+        sources = [tensor.copy_from] if tensor.copy_from else list(tensor.inputs)
+        if tensor.base:
+            sources.append(tensor.base)
+        read += sum(checkpoints[m].info(n).nbytes for m, n in sources)
+        row_elems = max(
+            1,
+            tensor.nbytes
+            // tensor.dtype.itemsize
+            // max(1, tensor.shape[0] if tensor.shape else 1),
+        )
+        rows = tensor.shape[0] if tensor.shape else 1
+        chunk_elems = min(rows, max(1, chunk_bytes // (4 * row_elems))) * row_elems
+        largest_chunk = max(largest_chunk, chunk_elems * len(sources))
+    # per input element in flight: raw read (<=4 B) + float32 copy (4 B); x2 for read-ahead;
+    # plus the float32 result and its cast. The interpreter and torch add ~0.3 GB.
+    in_flight = largest_chunk * (4 + 4) * 2 + largest_chunk // max(1, len(plan.model_names)) * 8
+    return {
+        "method": method.name,
+        "models": plan.model_names,
+        "base": plan.base,
+        "tensors": len(plan.tensors),
+        "merged_tensors": sum(1 for t in plan.tensors if not t.copy_from),
+        "copied_tensors": sum(1 for t in plan.tensors if t.copy_from),
+        "bytes_read": read,
+        "bytes_written": plan.bytes_written,
+        "shards": [
+            {"file": name, "tensors": len(shard), "bytes": sum(t.nbytes for t in shard)}
+            for name, shard in zip(plan.shard_file_names(), plan.shards, strict=True)
+        ],
+        "expected_peak_memory": in_flight + 300 * 2**20,
+        "config_updates": plan.config_updates,
+    }
+
+
+def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
+    """Run every stage of ``recipe``."""
+    options = options or RunOptions()
+    started = time.perf_counter()
+    checkpoints = open_models(recipe)
+    output = None
+    summary = None
+    if recipe.align is not None:
+        from merge_cli.align.stage import align_models
+
+        checkpoints = align_models(recipe, checkpoints, options)
+    if recipe.fuse is not None:
+        method = method_of(recipe)
+        if method.streaming:
+            plan = plan_merge(recipe, checkpoints)
+            summary = plan_summary(recipe, plan, checkpoints, options.chunk_bytes)
+            output = save_streaming(recipe, plan, method, checkpoints, options)
+        else:
+            assert method.fuse_model is not None
+            merged = method.fuse_model(recipe, checkpoints, options)
+            output = save_checkpoint(recipe, merged, checkpoints, options)
+    evaluation: list[dict[str, Any]] = []
+    if recipe.evaluate:
+        from merge_cli.evaluate.stage import evaluate_recipe
+
+        evaluation = evaluate_recipe(recipe, checkpoints, output, options)
+    return RunResult(output, summary, time.perf_counter() - started, evaluation)
+
+
+def save_streaming(
+    recipe: Recipe,
+    plan: MergePlan,
+    method: Method,
+    checkpoints: dict[str, Checkpoint],
+    options: RunOptions,
+) -> Path:
+    """Execute a streaming merge into the recipe's output directory."""
+    assert recipe.save is not None and recipe.fuse is not None
+    target = Path(recipe.save.path)
+    shards = [[TensorInfo(t.name, t.shape, t.dtype) for t in shard] for shard in plan.shards]
+    with ShardedWriter(target, shards, plan.shard_file_names(), options.overwrite) as writer:
+        execute(
+            plan,
+            method,
+            recipe.fuse,
+            checkpoints,
+            writer,
+            ExecutionOptions(device=options.device, chunk_bytes=options.chunk_bytes),
+            options.progress,
+        )
+        write_extras(recipe, writer, checkpoints[plan.config_source], plan.config_updates)
+        return writer.finish()
+
+
+def save_checkpoint(
+    recipe: Recipe,
+    merged: Checkpoint,
+    checkpoints: dict[str, Checkpoint],
+    options: RunOptions,
+    config_source: str | None = None,
+    config_updates: dict[str, Any] | None = None,
+) -> Path:
+    """Save a whole-model method's result (any Checkpoint) through the streaming writer."""
+    assert recipe.save is not None and recipe.fuse is not None
+    from merge_cli.fuse.passthrough import METHOD as PASSTHROUGH
+    from merge_cli.fuse.plan import OutputTensor, split_into_shards
+
+    tensors = []
+    for name in merged.tensor_names():
+        info = merged.info(name)
+        tensors.append(
+            OutputTensor(
+                name,
+                info.shape,
+                output_dtype(info.dtype, recipe.save.dtype),
+                copy_from=("merged", name),
+            )
+        )
+    if not tensors:
+        raise PlanError(f"fuse ({recipe.fuse.method}) produced no tensors")
+    plan = MergePlan(
+        tensors=tensors,
+        shards=split_into_shards(tensors, int(recipe.save.shard_size)),
+        model_names=["merged"],
+        base=None,
+        config_source="merged",
+        config_updates=config_updates or {},
+    )
+    source = config_source or recipe.fuse.base or recipe.fuse.model_names(list(recipe.models))[0]
+    target = Path(recipe.save.path)
+    shards = [[TensorInfo(t.name, t.shape, t.dtype) for t in shard] for shard in plan.shards]
+    with ShardedWriter(target, shards, plan.shard_file_names(), options.overwrite) as writer:
+        execute(
+            plan,
+            PASSTHROUGH,
+            recipe.fuse,
+            {"merged": merged},
+            writer,
+            ExecutionOptions(device="cpu", chunk_bytes=options.chunk_bytes),
+            options.progress,
+        )
+        write_extras(recipe, writer, checkpoints[source], plan.config_updates)
+        return writer.finish()
+
+
+def write_extras(
+    recipe: Recipe,
+    writer: ShardedWriter,
+    config_source: Checkpoint,
+    config_updates: dict[str, Any],
+) -> None:
+    """Copy config/tokenizer files, apply config updates, write the model card."""
+    assert recipe.save is not None
+    directory = config_source.directory
+    copied: set[str] = set()
+    if directory is not None and directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if not path.is_file() or path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+                continue
+            if path.name in (
+                "README.md",
+                "model.safetensors.index.json",
+                "pytorch_model.bin.index.json",
+            ):
+                continue
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in recipe.save.copy_files):
+                writer.copy_file(path, path.name)
+                copied.add(path.name)
+    if config_updates:
+        if "config.json" not in copied:
+            raise OutputError(
+                f"{config_source.source}: no config.json to update with {config_updates}"
+            )
+        config = json.loads((writer.temp / "config.json").read_text())
+        config.update(config_updates)
+        writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
+    if recipe.save.model_card:
+        writer.write_text("README.md", model_card(recipe))
+
+
+def model_card(recipe: Recipe) -> str:
+    """A Hugging Face model card holding the recipe and the tool version."""
+    recipe_yaml = yaml.safe_dump(
+        recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+    )
+    method = recipe.fuse.method if recipe.fuse else "none"
+    sources = "\n".join(f"- `{name}`: {entry.path}" for name, entry in recipe.models.items())
+    return (
+        "---\ntags:\n- merge\n- merge-cli\n---\n\n"
+        f"# Merged model\n\nThis model was produced by merge-cli {__version__} "
+        f"with the `{method}` method from these models:\n\n{sources}\n\n"
+        f"## Recipe\n\n```yaml\n{recipe_yaml}```\n"
+    )

@@ -1,0 +1,162 @@
+"""The task interface: what the models compute, on which data, with which loss.
+
+A recipe's ``task`` (or a model's own) names three things:
+
+* ``model``: ``"module:function"`` or ``"path/to/file.py:function"`` returning an
+  ``nn.Module`` whose ``state_dict`` names match the checkpoints, or ``"transformers"`` to
+  build the architecture from the checkpoint's config.json (never running remote code);
+* ``data``: a function ``(split) -> iterable of (inputs, targets)`` with split ``"train"``,
+  ``"val"`` or ``"test"``;
+* ``loss``: a built-in name (``cross_entropy``, ``mse``, ``causal_lm``) or a function
+  ``(outputs, targets) -> scalar tensor``.
+
+``task.params`` are passed as keyword arguments to the model and data functions.
+Stages that need data (alignment, evaluation, data-aware merging, ensembles) all use this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from merge_cli.errors import TaskError
+from merge_cli.io.checkpoint import Checkpoint, read_state_dict
+from merge_cli.recipe import TaskSpec
+
+Batch = tuple[Any, torch.Tensor]
+DataFn = Callable[[str], Iterable[Batch]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy; ``labels`` are the input ids (-100 is ignored)."""
+    shifted = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+    return F.cross_entropy(shifted, labels[..., 1:].reshape(-1), ignore_index=-100)
+
+
+LOSSES: dict[str, LossFn] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "causal_lm": _causal_lm_loss,
+}
+
+
+def load_callable(reference: str, what: str) -> Callable[..., Any]:
+    """Import ``module:function`` or ``path/to/file.py:function``."""
+    target, sep, attribute = reference.rpartition(":")
+    if not sep or not target or not attribute:
+        raise TaskError(
+            f"{what}: expected 'module:function' or 'file.py:function', got {reference!r}"
+        )
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.exists():
+            raise TaskError(f"{what}: no such file {target}")
+        name = "merge_cli_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as error:
+                del sys.modules[name]
+                raise TaskError(f"{what}: importing {target} failed: {error!r}") from error
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise TaskError(f"{what}: cannot import module {target!r}: {error}") from error
+    try:
+        function = getattr(module, attribute)
+    except AttributeError:
+        raise TaskError(f"{what}: {target} has no attribute {attribute!r}") from None
+    if not callable(function):
+        raise TaskError(f"{what}: {reference} is not callable")
+    return function
+
+
+def _call_with_params(function: Callable[..., Any], params: dict[str, Any], *args: Any) -> Any:
+    """Call ``function`` with the task params it accepts (all of them if it takes **kwargs)."""
+    signature = inspect.signature(function)
+    accepts_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    kwargs = (
+        params if accepts_all else {k: v for k, v in params.items() if k in signature.parameters}
+    )
+    return function(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A resolved task: build a model, get data, compute a loss."""
+
+    spec: TaskSpec
+
+    def build_model(self, checkpoint: Checkpoint | None = None) -> nn.Module:
+        """An un-initialised model of the task's architecture (weights not loaded)."""
+        if self.spec.model is None:
+            raise TaskError("task.model: this stage needs a model builder")
+        if self.spec.model == "transformers":
+            return _transformers_model(checkpoint)
+        builder = load_callable(self.spec.model, "task.model")
+        model = _call_with_params(builder, self.spec.params)
+        if not isinstance(model, nn.Module):
+            raise TaskError(
+                f"task.model: {self.spec.model} returned {type(model).__name__}, not an nn.Module"
+            )
+        return model
+
+    def load_model(self, checkpoint: Checkpoint, device: str = "cpu") -> nn.Module:
+        """Build the architecture and load ``checkpoint``'s weights into it (strictly)."""
+        model = self.build_model(checkpoint)
+        state = read_state_dict(checkpoint)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise TaskError(
+                f"{checkpoint.source}: does not fit task.model {self.spec.model}: "
+                f"{str(error).splitlines()[0]} ..."
+            ) from error
+        return model.to(device).eval()
+
+    def data(self, split: str) -> Iterable[Batch]:
+        if self.spec.data is None:
+            raise TaskError("task.data: this stage needs data")
+        function = load_callable(self.spec.data, "task.data")
+        return _call_with_params(function, self.spec.params, split)
+
+    @property
+    def loss(self) -> LossFn:
+        if self.spec.loss in LOSSES:
+            return LOSSES[self.spec.loss]
+        return load_callable(self.spec.loss, "task.loss")
+
+
+def _transformers_model(checkpoint: Checkpoint | None) -> nn.Module:
+    if checkpoint is None or checkpoint.directory is None:
+        raise TaskError("task.model: 'transformers' needs a checkpoint directory with config.json")
+    config_path = checkpoint.directory / "config.json"
+    if not config_path.exists():
+        raise TaskError(f"{checkpoint.source}: task.model 'transformers' needs {config_path}")
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as error:
+        raise TaskError(
+            "task.model 'transformers' needs the transformers package: "
+            "pip install 'merge-cli[transformers]'"
+        ) from error
+    config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=False)
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
