@@ -11,14 +11,28 @@ from merge_cli.fuse import (
     dare,
     della,
     linear,
+    model_stock,
+    multislerp,
     passthrough,
+    slerp,
     task_arithmetic,
     ties,
 )
 from merge_cli.fuse.registry import Method, TensorJob
 
 #: Modules that define ``METHOD`` (one method) or ``METHODS`` (a family of variants).
-_MODULES = [linear, passthrough, task_arithmetic, ties, dare, breadcrumbs, della]
+_MODULES = [
+    linear,
+    passthrough,
+    task_arithmetic,
+    ties,
+    dare,
+    breadcrumbs,
+    della,
+    slerp,
+    multislerp,
+    model_stock,
+]
 
 
 def _entries(module) -> list[Method]:
@@ -32,7 +46,7 @@ METHODS: dict[str, Method] = {
 
 #: Methods from the design that are not built yet: the recipe check says so by name.
 PLANNED: set[str] = {
-    "slerp", "multislerp", "karcher", "nuslerp", "model_stock", "sce",
+    "sce",
     "greedy_soup", "fisher", "regmean", "adamerging", "curve", "ensemble", "moe", "distill",
 }  # fmt: skip
 
