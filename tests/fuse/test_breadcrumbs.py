@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
+
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 TAU = torch.tensor([10.0, -9.0, 8.0, -7.0, 6.0, -5.0, 4.0, -3.0, 2.0, -1.0])
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.registry import TensorJob
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
 def _job(base: torch.Tensor, models: list[torch.Tensor], seed: int = 0) -> TensorJob:

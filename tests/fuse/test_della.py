@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
 
 from merge_cli.errors import MergeCliError
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.della import keep_probability, rank_fraction
 from merge_cli.fuse.registry import TensorJob
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
 def test_keep_probabilities_rise_linearly_with_the_magnitude_rank():

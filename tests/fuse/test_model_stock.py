@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
+
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
 def _models(tau_a, tau_b, base=(1.0, -1.0)):

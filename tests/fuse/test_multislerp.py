@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
+
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
 def _multislerp_direct(tensors, weights, eps=1e-8):

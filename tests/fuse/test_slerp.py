@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_cli.errors import RecipeError
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
 def test_slerp_of_orthogonal_vectors_follows_the_circle(tmp_path):

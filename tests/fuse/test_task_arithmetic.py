@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
+
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
 def test_task_arithmetic_matches_the_hand_computed_sum(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 import torch
-from fuse_harness import chunked_equals_whole, merge, random_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.registry import TensorJob
+from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 BASE = torch.tensor([1.0, 2.0, -1.0, 0.5])
 TAUS = [
@@ -96,7 +96,7 @@ def test_ties_chunked_equals_whole_with_ties_in_magnitude(tmp_path):
         assert torch.equal(whole[key], chunked[key]), key
 
 
-def test_ties_on_a_2048x5632_tensor_is_fast():
+def test_ties_on_a_2048x5632_tensor_is_faster_than_sorting_its_task_vectors():
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(2048, 5632, generator=generator)
     models = [base + 0.01 * torch.randn(2048, 5632, generator=generator) for _ in range(2)]
@@ -110,4 +110,10 @@ def test_ties_on_a_2048x5632_tensor_is_fast():
     elapsed = time.perf_counter() - started
     kept = (merged != base).float().mean()
     assert 0.2 <= float(kept) <= 0.4
-    assert elapsed < 2.5, f"TIES took {elapsed:.2f} s"  # a shared 2-core CI box; ~0.5 s idle
+    # mergekit finds each threshold with a full argsort of the task vector's magnitudes; the
+    # whole TIES merge here (two models) must beat those two sorts alone on the same machine.
+    started = time.perf_counter()
+    torch.argsort((models[0] - base).abs().view(-1), descending=True)
+    one_sort = time.perf_counter() - started
+    assert elapsed < 2 * one_sort, f"TIES {elapsed:.2f} s, one argsort {one_sort:.2f} s"
+    assert elapsed < 10

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fuse_harness import merge
 
 from merge_cli.errors import PlanError
+from tests.fuse.fuse_harness import merge
 
 
 def _models():
