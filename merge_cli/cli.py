@@ -145,6 +145,7 @@ def run(
         "seconds": round(result.seconds, 3),
         "plan": result.plan,
         "evaluation": result.evaluation,
+        "report": result.report,
     }
     if as_json:
         _print_json(payload)
@@ -158,8 +159,61 @@ def run(
             f"  {result.plan['tensors']} tensors, {_human(result.plan['bytes_written'])} in "
             f"{len(result.plan['shards'])} shard(s); read {_human(result.plan['bytes_read'])}"
         )
+    if result.report.get("fuse"):
+        _print_fuse_report(result.report["fuse"])
     if result.evaluation:
         _print_evaluation(result.evaluation)
+
+
+def _print_fuse_report(report: dict[str, Any]) -> None:
+    """The scalar and short-list entries of a whole-model method's report."""
+    for key, value in report.items():
+        if (
+            isinstance(value, list)
+            and len(value) <= 8
+            and not any(isinstance(v, (dict, list)) for v in value)
+        ):
+            value = ", ".join(_cell(v) for v in value)
+        if not isinstance(value, (dict, list)):
+            console.print(f"  {key}: {_cell(value)}", highlight=False)
+
+
+@app.command("eval")
+def eval_(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    merged: Annotated[
+        str | None,
+        typer.Option(
+            help="The fused model to score as `merged` (default: save.path if it exists)."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the JSON report (plots go beside it)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a recipe's evaluate stage alone, on existing checkpoints (no fuse)."""
+    from merge_cli.errors import RecipeError
+    from merge_cli.evaluate.stage import run_evaluation
+    from merge_cli.pipeline import RunOptions
+    from merge_cli.recipe import load_recipe
+
+    def action() -> Any:
+        parsed = load_recipe(recipe, set_, merged)
+        if not parsed.evaluate:
+            raise RecipeError(str(recipe), ["evaluate: the recipe has no evaluate entries"])
+        _check_device(device)
+        options = RunOptions(device=device, progress=RichProgress(not as_json))
+        return run_evaluation(parsed, options, merged, report)
+
+    rows, written = _guarded(as_json, action)
+    if as_json:
+        _print_json({"ok": True, "report": str(written), "evaluation": rows})
+        return
+    _print_evaluation(rows)
 
 
 def _print_evaluation(rows: list[dict[str, Any]]) -> None:

@@ -19,12 +19,15 @@ from merge_cli import __version__, fuse
 from merge_cli.errors import OutputError, PlanError
 from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
 from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
-from merge_cli.fuse.registry import Method
+from merge_cli.fuse.registry import FusedModel, Method
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import Recipe
+
+#: A whole-model method's report, saved inside the output directory.
+FUSE_REPORT = "fuse_report.json"
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
     checkpoints = open_models(recipe)
     output = None
     summary = None
+    report: dict[str, Any] = {}
     if recipe.align is not None:
         from merge_cli.align.stage import align_models
 
@@ -143,14 +147,20 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
             output = save_streaming(recipe, plan, method, checkpoints, options)
         else:
             assert method.fuse_model is not None
-            merged = method.fuse_model(recipe, checkpoints, options)
-            output = save_checkpoint(recipe, merged, checkpoints, options)
+            fused = method.fuse_model(recipe, checkpoints, options)
+            if not isinstance(fused, FusedModel):
+                fused = FusedModel(fused)
+            files = dict(fused.files)
+            if fused.report:
+                files[FUSE_REPORT] = (json.dumps(fused.report, indent=2) + "\n").encode()
+                report["fuse"] = fused.report
+            output = save_checkpoint(recipe, fused.checkpoint, checkpoints, options, files=files)
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
         from merge_cli.evaluate.stage import evaluate_recipe
 
         evaluation = evaluate_recipe(recipe, checkpoints, output, options)
-    return RunResult(output, summary, time.perf_counter() - started, evaluation)
+    return RunResult(output, summary, time.perf_counter() - started, evaluation, report)
 
 
 def save_streaming(
@@ -185,8 +195,10 @@ def save_checkpoint(
     options: RunOptions,
     config_source: str | None = None,
     config_updates: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save a whole-model method's result (any Checkpoint) through the streaming writer."""
+    """Save a whole-model method's result (any Checkpoint) through the streaming writer,
+    with ``files`` (relative path -> contents) beside the weights."""
     assert recipe.save is not None and recipe.fuse is not None
     from merge_cli.fuse.passthrough import METHOD as PASSTHROUGH
     from merge_cli.fuse.plan import OutputTensor, split_into_shards
@@ -226,6 +238,8 @@ def save_checkpoint(
             options.progress,
         )
         write_extras(recipe, writer, checkpoints[source], plan.config_updates)
+        for relative, data in (files or {}).items():
+            writer.write_bytes(relative, data)
         return writer.finish()
 
 

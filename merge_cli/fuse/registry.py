@@ -11,7 +11,8 @@ recipe is loaded) and how the executor drives it:
   iterators so it can make as many passes as it needs before ``merge`` sees the first chunk.
 * **whole-model** methods set ``fuse_model``: they receive the loaded inputs and the task
   and return a checkpoint (usually an :class:`~merge_cli.io.InMemoryCheckpoint`) that the
-  writer saves.
+  writer saves, or a :class:`FusedModel` when they also have a report or extra files (a
+  greedy soup's membership, a curve's bend) to save with it.
 
 ``plan_tensors`` lets a method choose the output tensors itself (passthrough's layer
 stacking); by default every tensor of the first input is merged from the same-named tensor
@@ -21,11 +22,13 @@ of every input.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from merge_cli.io.checkpoint import Checkpoint
 
 
 class NoParams(BaseModel):
@@ -81,3 +84,14 @@ class Method:
     @property
     def streaming(self) -> bool:
         return self.merge is not None
+
+
+@dataclass(frozen=True)
+class FusedModel:
+    """A whole-model method's result with more to save than the weights."""
+
+    checkpoint: Checkpoint
+    #: Shown after the run, returned in ``--json`` and saved as ``fuse_report.json``.
+    report: dict[str, Any] = field(default_factory=dict)
+    #: Extra files saved inside the output directory: relative path -> contents.
+    files: dict[str, bytes] = field(default_factory=dict)
