@@ -113,7 +113,7 @@ def run_barrier(context: EvalContext, spec: EvalSpec, params: BarrierParams) -> 
                 }
             )
     if kind is not None:
-        details["curve"] = {"kind": kind}
+        details["curve_kind"] = kind
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{first}_{second}")
     labelled = {
         f"{p} (loss barrier {details[p]['loss_barrier']:.3f})": v for p, v in values.items()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -19,6 +19,7 @@ from pydantic import Field, PositiveInt
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.registry import EvalContext, Metric, MetricParams, MetricResult
 from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.dtypes import RECIPE_DTYPES
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import EvalSpec, Recipe, TaskSpec
 from merge_cli.task import Task
@@ -31,6 +32,9 @@ class PerplexityParams(MetricParams):
     )
     stride: PositiveInt | None = Field(
         None, description="tokens between window starts (default: max_length / 2)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of the model"
     )
     tokenizer: str = Field(
         "auto",
@@ -105,7 +109,9 @@ def run_perplexity(context: EvalContext, spec: EvalSpec, params: PerplexityParam
         ids = tokenize(text, params.tokenizer, checkpoint)
         if ids.shape[1] < 2:
             raise TaskError(f"perplexity: {params.text} holds fewer than two tokens")
-        model = context.load(name, Task(TaskSpec(model="transformers")))
+        model = context.load(
+            name, Task(TaskSpec(model="transformers")), RECIPE_DTYPES[params.dtype]
+        )
         config: Any = getattr(model, "config", None)
         max_length = params.max_length or getattr(config, "max_position_embeddings", None) or 1024
         stride = min(params.stride or max(1, max_length // 2), max_length)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -90,10 +91,13 @@ class EvalContext:
             raise TaskError(f"evaluate: no task for model {name!r}")
         return Task(spec)
 
-    def load(self, name: str, task: Task) -> nn.Module:
-        """``name``'s weights in ``task``'s model, on the evaluation device."""
+    def load(self, name: str, task: Task, dtype: torch.dtype | None = None) -> nn.Module:
+        """``name``'s weights in ``task``'s model (cast to ``dtype`` when given, before the
+        weights are copied in), on the evaluation device."""
         checkpoint = self.checkpoint(name)
         model = task.build_model(checkpoint)
+        if dtype is not None:
+            model.to(dtype)
         load_weights(model, checkpoint, self.progress, name)
         return model.to(self.device).eval()
 
