@@ -102,11 +102,12 @@ class EvalContext:
         return model.to(self.device).eval()
 
     def scores(self, name: str, split: str, task_of: str | None) -> Scores:
-        """Loss and accuracy of model ``name`` on ``split`` of its task (or ``task_of``'s)."""
+        """Loss and accuracy of model ``name`` (built by its own task) on ``split`` of its
+        task's data, or of ``task_of``'s data and loss."""
         key = (name, task_of or name, split)
         if key not in self._scores:
             task = self.task(task_of or name)
-            model = self.load(name, task)
+            model = self.load(name, self.task(name))
             self._scores[key] = score(
                 model,
                 task.data(split),
