@@ -119,7 +119,7 @@ def run(
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
     chunk_mb: Annotated[
         int, typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1)
-    ] = 32,
+    ] = 8,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe: load, (align), fuse, save, (evaluate)."""
@@ -464,15 +464,15 @@ def _tune_allocator() -> None:
     import ctypes
     import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.system() != "Linux":
         return
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc; absent from musl
+    except (OSError, AttributeError):
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 31)
 
 
 def main() -> None:
