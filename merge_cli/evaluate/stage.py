@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merge_cli import __version__
 from merge_cli.errors import CheckpointError, OutputError
@@ -20,6 +20,9 @@ from merge_cli.evaluate.registry import MERGED, EvalContext
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from merge_cli.pipeline import RunOptions
 
 REPORT_NAME = "evaluation.json"
 
@@ -36,12 +39,10 @@ def evaluate_recipe(
     recipe: Recipe,
     checkpoints: dict[str, Checkpoint],
     merged_path: Path | None,
-    options: Any,
+    options: RunOptions,
     report: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every ``evaluate`` entry; return the table rows and write the report.
-
-    ``options`` is the pipeline's ``RunOptions`` (``device``, ``progress``)."""
+    """Run every ``evaluate`` entry; return the table rows and write the report."""
     checkpoints = dict(checkpoints)
     if merged_path is not None:
         checkpoints[MERGED] = open_checkpoint(str(merged_path))
@@ -98,7 +99,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 def run_evaluation(
     recipe: Recipe,
-    options: Any,
+    options: RunOptions,
     merged: str | None = None,
     report: Path | None = None,
 ) -> tuple[list[dict[str, Any]], Path]:

@@ -10,7 +10,7 @@ against the linear path. Models with BatchNorm get their statistics recomputed a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save as safetensors_bytes
@@ -20,9 +20,12 @@ from merge_cli.connect.curve import train_bend
 from merge_cli.connect.path import BEND_FILE, curve_point
 from merge_cli.errors import TaskError
 from merge_cli.fuse.registry import FusedModel, Method
-from merge_cli.io.checkpoint import InMemoryCheckpoint, read_state_dict
+from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint, read_state_dict
 from merge_cli.recipe import Recipe
 from merge_cli.task import Task
+
+if TYPE_CHECKING:
+    from merge_cli.pipeline import RunOptions
 
 
 class CurveParams(BaseModel):
@@ -34,7 +37,9 @@ class CurveParams(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty on the bend (Adam)")
 
 
-def fuse_curve(recipe: Recipe, checkpoints: dict, options: Any) -> FusedModel:
+def fuse_curve(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint], options: RunOptions
+) -> FusedModel:
     """Train the bend between the two fused models; return the model at ``t`` and the bend."""
     spec = recipe.fuse
     assert spec is not None

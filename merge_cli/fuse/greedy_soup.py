@@ -12,7 +12,7 @@ running sum, so memory holds about three models.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,10 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.scoring import score
 from merge_cli.fuse.registry import FusedModel, Method
-from merge_cli.io.checkpoint import InMemoryCheckpoint, read_state_dict
+from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint, read_state_dict
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import Recipe
 from merge_cli.task import Task
+
+if TYPE_CHECKING:
+    from merge_cli.pipeline import RunOptions
 
 StateDict = dict[str, torch.Tensor]
 
@@ -71,7 +74,9 @@ def greedy_soup(
     return mean_of(total, len(members), best), members, individual, soup_value
 
 
-def fuse_greedy_soup(recipe: Recipe, checkpoints: dict, options: Any) -> FusedModel:
+def fuse_greedy_soup(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint], options: RunOptions
+) -> FusedModel:
     spec = recipe.fuse
     assert spec is not None
     params = GreedySoupParams.model_validate(spec.params)
