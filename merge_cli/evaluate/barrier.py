@@ -23,7 +23,7 @@ from merge_cli.connect.path import BEND_FILE, curve_point, load_bend
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.plots import plot_paths
 from merge_cli.evaluate.registry import MERGED, EvalContext, Metric, MetricParams, MetricResult
-from merge_cli.evaluate.scoring import score
+from merge_cli.evaluate.scoring import read_weights, score
 from merge_cli.io.checkpoint import read_state_dict
 from merge_cli.recipe import EvalSpec, Recipe
 
@@ -64,8 +64,8 @@ def run_barrier(context: EvalContext, spec: EvalSpec, params: BarrierParams) -> 
     assert spec.between is not None
     first, second = spec.between
     task = context.task(first)
-    start = read_state_dict(context.checkpoint(first))
-    end = read_state_dict(context.checkpoint(second))
+    start = read_weights(context.checkpoint(first), context.progress, first)
+    end = read_weights(context.checkpoint(second), context.progress, second)
     model = task.build_model(context.checkpoint(first)).to(context.device)
     statistics_data = list(task.data(params.bn_split)) if has_batchnorm(model) else []
     data = list(task.data(params.split))

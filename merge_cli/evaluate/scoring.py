@@ -72,6 +72,23 @@ def load_weights(
     return model
 
 
+def read_weights(
+    checkpoint: Checkpoint, progress: Progress | None = None, label: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``checkpoint`` in memory, reporting progress in bytes."""
+    progress = progress or NullProgress()
+    names = checkpoint.tensor_names()
+    progress.start(
+        f"reading {label or checkpoint.source}", sum(checkpoint.info(n).nbytes for n in names)
+    )
+    state = {}
+    for name in names:
+        state[name] = checkpoint.read(name)
+        progress.advance(checkpoint.info(name).nbytes)
+    progress.finish()
+    return state
+
+
 def batch_accuracy(logits: torch.Tensor, targets: torch.Tensor, causal: bool) -> tuple[int, int]:
     """(correct, counted) predictions of one batch; for a causal LM, of the next token."""
     if causal:

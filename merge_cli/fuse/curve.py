@@ -19,8 +19,9 @@ from merge_cli.connect.batchnorm import has_batchnorm, recompute_batchnorm
 from merge_cli.connect.curve import train_bend
 from merge_cli.connect.path import BEND_FILE, curve_point
 from merge_cli.errors import TaskError
+from merge_cli.evaluate.scoring import read_weights
 from merge_cli.fuse.registry import FusedModel, Method
-from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint, read_state_dict
+from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.recipe import Recipe
 from merge_cli.task import Task
 
@@ -49,8 +50,8 @@ def fuse_curve(
     if task_spec is None:
         raise TaskError("curve: needs a task (model, data, loss)")
     task = Task(task_spec)
-    start = read_state_dict(checkpoints[first])
-    end = read_state_dict(checkpoints[second])
+    start = read_weights(checkpoints[first], options.progress, first)
+    end = read_weights(checkpoints[second], options.progress, second)
     model = task.build_model(checkpoints[first])
     model.load_state_dict(start, strict=True)
     batches = list(task.data("train"))

@@ -18,9 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_cli.errors import TaskError
-from merge_cli.evaluate.scoring import score
+from merge_cli.evaluate.scoring import read_weights, score
 from merge_cli.fuse.registry import FusedModel, Method
-from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint, read_state_dict
+from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import Recipe
 from merge_cli.task import Task
@@ -96,7 +96,7 @@ def fuse_greedy_soup(
         return sign * getattr(scores, params.metric)
 
     def load(name: str) -> StateDict:
-        return read_state_dict(checkpoints[name])
+        return read_weights(checkpoints[name], options.progress, name)
 
     options.progress.note(f"greedy soup: scoring {len(names)} models on the {params.split} split")
     soup, members, individual, soup_value = greedy_soup(names, load, value)
