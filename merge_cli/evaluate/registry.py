@@ -168,19 +168,29 @@ def check_eval_spec(recipe: Recipe, index: int, spec: EvalSpec, metric: Metric) 
     elif spec.between is not None:
         problems.append(f"{where}.between: only path metrics (barrier) take `between`")
     if metric.needs_task:
-        task_of = getattr(params, "task_of", None)
-        names = spec.between if metric.pair else spec.models
-        if names is None:
-            names = list(recipe.models) + ([MERGED] if recipe.fuse is not None else [])
-        for name in [task_of] if task_of else names or []:
-            task = task_spec_for(recipe, name)
-            if task is None or task.model is None or task.data is None:
-                problems.append(
-                    f"{where}: metric {metric.name!r} needs a task with `model` and `data` "
-                    f"for model {name!r} (set the recipe's task: or models.{name}.task)"
-                )
+        problems += _check_tasks(recipe, spec, metric, getattr(params, "task_of", None), where)
     if (task_of := getattr(params, "task_of", None)) and task_of not in recipe.models:
         problems.append(f"{where}.params.task_of: no model named {task_of!r} in models")
     if metric.check is not None and params is not None:
         problems += metric.check(recipe, spec, params, where)
+    return problems
+
+
+def _check_tasks(
+    recipe: Recipe, spec: EvalSpec, metric: Metric, task_of: str | None, where: str
+) -> list[str]:
+    """Each scored model needs a model builder (its own task's) and data (its own task's, or
+    ``task_of``'s)."""
+    names = spec.between if metric.pair else spec.models
+    if names is None:
+        names = list(recipe.models) + ([MERGED] if recipe.fuse is not None else [])
+    problems = []
+    for name in names:
+        own = task_spec_for(recipe, name)
+        data = task_spec_for(recipe, task_of) if task_of else own
+        if own is None or own.model is None or data is None or data.data is None:
+            problems.append(
+                f"{where}: metric {metric.name!r} needs a task with `model` and `data` "
+                f"for model {name!r} (set the recipe's task: or models.{name}.task)"
+            )
     return problems
