@@ -56,7 +56,9 @@ def train_bend(
     epoch_losses = []
     model.to(device).train()
     progress.start("training curve", epochs * len(batches), unit="steps")
-    with torch.random.fork_rng(devices=[]):  # dropout draws stay seeded and local
+    accelerator = torch.device(device)
+    devices = [accelerator.index or 0] if accelerator.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout draws stay seeded and local
         torch.manual_seed(seed)
         for _ in range(epochs):
             total = 0.0
