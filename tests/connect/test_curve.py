@@ -131,3 +131,18 @@ def test_curve_recipe_errors_name_the_problem(tmp_path):
                 "save": {"path": str(tmp_path / "out")},
             }
         )
+
+
+def test_curve_training_is_deterministic(tmp_path, digits_task):
+    paths = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_file(digits_task.build_mlp(16, 1).state_dict(), str(paths[name]))
+    outputs = []
+    for attempt in ("one", "two"):
+        recipe = _bn_recipe(tmp_path / attempt, paths, epochs=2)
+        recipe.task.params["batchnorm"] = False
+        outputs.append(run(recipe).output)
+    for file in ("model.safetensors", BEND_FILE):
+        assert (outputs[0] / file).read_bytes() == (outputs[1] / file).read_bytes()
