@@ -20,7 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from merge_cli.errors import CheckpointError
+from merge_cli.io.checkpoint import TensorInfo
 from merge_cli.io.dtypes import is_float
+from merge_cli.io.writer import safetensors_header, tensor_bytes
 
 CurveKind = Literal["bezier", "polychain"]
 CURVE_KINDS: tuple[str, ...] = ("bezier", "polychain")
@@ -71,6 +73,15 @@ def curve_point(
 #: Where the ``curve`` method saves the bend, inside its output directory. A sub-directory,
 #: so that the output's own top-level ``*.safetensors`` stay the model's weights only.
 BEND_FILE = "curve/bend.safetensors"
+
+
+def bend_bytes(bend: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A bend as the bytes of a safetensors file (header written in a fixed key order, so
+    the same bend always gives the same bytes)."""
+    infos = [TensorInfo(name, tuple(tensor.shape), tensor.dtype) for name, tensor in bend.items()]
+    return safetensors_header(infos, metadata) + b"".join(
+        bytes(tensor_bytes(tensor)) for tensor in bend.values()
+    )
 
 
 def load_bend(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

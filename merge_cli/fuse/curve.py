@@ -13,11 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import save as safetensors_bytes
 
 from merge_cli.connect.batchnorm import has_batchnorm, recompute_batchnorm
 from merge_cli.connect.curve import train_bend
-from merge_cli.connect.path import BEND_FILE, curve_point
+from merge_cli.connect.path import BEND_FILE, bend_bytes, curve_point
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.scoring import read_weights
 from merge_cli.fuse.registry import FusedModel, Method
@@ -83,7 +82,7 @@ def fuse_curve(
     return FusedModel(
         InMemoryCheckpoint(point, source=f"curve({first}, {second}) at t={params.t}"),
         report,
-        {BEND_FILE: safetensors_bytes(bend, metadata=metadata)},
+        {BEND_FILE: bend_bytes(bend, metadata)},
     )
 
 
