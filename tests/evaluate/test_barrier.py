@@ -44,3 +44,24 @@ def test_barrier_values_equal_a_direct_computation(connectivity_models, digits_t
     assert by_metric["loss_barrier"]["model"] == "mlp_a ↔ mlp_b"
     assert expected_barrier > 0.3
     assert (tmp_path / "r" / "barrier_mlp_a_mlp_b.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("kind", ["bezier", "polychain"])
+def test_a_curve_through_the_midpoint_is_the_linear_path(connectivity_models, tmp_path, kind):
+    from merge_cli.connect.path import bend_bytes
+
+    paths = {n: connectivity_models[n] for n in ("mlp_a", "mlp_b")}
+    a, b = (load_file(str(paths[n])) for n in ("mlp_a", "mlp_b"))
+    bend_file = tmp_path / "bend.safetensors"
+    bend_file.write_bytes(bend_bytes({k: (a[k] + b[k]) / 2 for k in a}, {"curve": kind}))
+    recipe = digits_recipe(
+        paths,
+        [{"metric": "barrier", "between": ["mlp_a", "mlp_b"], "points": 5, "path": "curve",
+          "params": {"bend": str(bend_file)}}],
+    )  # fmt: skip
+    rows, report = run_evaluation(recipe, options(), report=tmp_path / "eval.json")
+    details = json.loads(report.read_text())["evaluations"][0]["details"]
+    assert details["curve_kind"] == kind
+    assert details["curve"]["loss"] == pytest.approx(details["linear"]["loss"], rel=1e-5)
+    barriers = [r["value"] for r in rows if r["metric"] == "loss_barrier"]
+    assert barriers[0] == pytest.approx(barriers[1], rel=1e-4)
