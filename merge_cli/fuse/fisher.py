@@ -144,7 +144,7 @@ def _fisher_file(recipe, checkpoints, name, params: FisherParams, device: str):
         params.labels,
         params.num_examples,
         seed,
-        task.spec.model_dump(mode="json"),
+        task.spec.loss if params.labels == "empirical" else None,
     )
 
     def compute() -> dict[str, torch.Tensor]:

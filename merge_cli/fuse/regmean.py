@@ -117,7 +117,6 @@ def _gram_file(recipe, checkpoints, name, params: RegMeanParams, device: str):
         checkpoint_fingerprint(checkpoints[name]),
         batches,
         params.num_examples,
-        task.spec.model_dump(mode="json"),
     )
 
     def compute() -> dict[str, torch.Tensor]:

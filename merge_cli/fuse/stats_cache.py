@@ -1,8 +1,9 @@
 """On-disk caches of per-model data statistics (Fisher diagonals, Gram matrices).
 
 A statistic depends on the model's weights, the examples it is computed on and the
-method's parameters; the cache key hashes all three, so a changed checkpoint, data set or
-parameter recomputes and an unchanged one is read back instead of running the model again.
+method's parameters; the cache key hashes all three (the weights' and examples' bytes, not
+file names or paths), so a changed checkpoint, data set or parameter recomputes and an
+unchanged one is read back instead of running the model again.
 
 The cache lives beside the input, ``<model dir>/.merge-cli-cache/<kind>-<key>.safetensors``,
 so it travels with the checkpoint. Where that directory cannot be written (a read-only
