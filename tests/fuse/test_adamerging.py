@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import math
 
-import datamerge_models as dm
 import pytest
 import torch
 import yaml
-from datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 from merge_cli.errors import PlanError
 from merge_cli.fuse.adamerging import entropy
 from merge_cli.pipeline import REPORT_FILE, RunOptions, run
 from merge_cli.recipe import recipe_from_dict
+from tests.fuse import datamerge_models as dm
+from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 TASKS = {"left": "parity", "right": "mod3", "other": "wine"}
 TRUNK = ["trunk.0.weight", "trunk.0.bias"]

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 
-import datamerge_models as dm
 import pytest
 import torch
 import yaml
-from datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 from merge_cli.fuse.fisher import diagonal_fisher, fisher_average
 from merge_cli.pipeline import REPORT_FILE, RunOptions, run
 from merge_cli.recipe import recipe_from_dict
+from tests.fuse import datamerge_models as dm
+from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 TASKS = {"left": "parity", "right": "mod3"}
 

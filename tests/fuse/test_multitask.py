@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from datamerge_models import one_thread  # noqa: F401 - autouse fixture
+
+from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes" / "datamerge").glob("*.yaml"))

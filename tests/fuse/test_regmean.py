@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import datamerge_models as dm
 import numpy as np
 import pytest
 import torch
-from datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 from merge_cli.fuse.regmean import gram_matrices, regmean_weight
 from merge_cli.pipeline import RunOptions, run
 from merge_cli.recipe import recipe_from_dict
+from tests.fuse import datamerge_models as dm
+from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 TASKS = {"left": "parity", "middle": "wine", "right": "mod3"}
 HIDDEN = 6
