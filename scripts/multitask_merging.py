@@ -144,8 +144,8 @@ def per_tensor_merge(
             continue
         job = TensorJob(
             name=name,
-            models=[models[t][name].float() for t in TASKS],
-            base=tensor.float() if entry.needs_base else None,
+            models=[models[t][name].to(torch.float32, copy=True) for t in TASKS],
+            base=tensor.to(torch.float32, copy=True) if entry.needs_base else None,
             rows=(0, tensor.shape[0]),
             shape=tuple(tensor.shape),
             seed=0,
