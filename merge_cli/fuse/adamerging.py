@@ -91,8 +91,8 @@ def learn_coefficients(
     params: AdaMergingParams,
     device: str,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Adam on the summed prediction entropy; returns the coefficients and the entropy
-    before and after."""
+    """Adam on the summed prediction entropy; returns the coefficients and the objective
+    before and after (on the first ``16 * batch_size`` inputs of every task)."""
     seed = recipe.fuse.seed if recipe.fuse else 0
     generator = torch.Generator().manual_seed(seed)
     shape = (len(names),) if params.granularity == "task" else (len(names), len(merge_names))
@@ -101,6 +101,13 @@ def learn_coefficients(
         name: task_of(recipe, name, "adamerging").build_model(checkpoints[name]).to(device).eval()
         for name in names
     }
+    for name, model in models.items():
+        uncovered = sorted(set(model.state_dict()) - set(fixed[name]) - set(merge_names))
+        if uncovered:
+            raise PlanError(
+                f"models.{name}: task model tensors {uncovered[:5]} are neither in the merged "
+                f"trunk nor in the model's heads (fuse.params.heads: {params.heads!r})"
+            )
     inputs = {name: _inputs(recipe, name, params.split) for name in names}
     optimizer = torch.optim.Adam([coefficients], lr=params.lr)
 

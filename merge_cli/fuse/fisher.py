@@ -39,7 +39,12 @@ from merge_cli.fuse.model_data import (
     task_of,
 )
 from merge_cli.fuse.registry import Method, ModelFuseResult
-from merge_cli.fuse.stats_cache import cached_statistics, checkpoint_fingerprint, fingerprint
+from merge_cli.fuse.stats_cache import (
+    CachedStatistics,
+    cached_statistics,
+    checkpoint_fingerprint,
+    fingerprint,
+)
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import Recipe
@@ -134,7 +139,14 @@ def fisher_average(
     return numerator / denominator
 
 
-def _fisher_file(recipe, checkpoints, name, params: FisherParams, device: str):
+def _fisher_file(
+    recipe: Recipe,
+    checkpoints: dict[str, Checkpoint],
+    name: str,
+    params: FisherParams,
+    device: str,
+) -> CachedStatistics:
+    """Model ``name``'s Fisher on its own task's data, from the cache or computed."""
     task = task_of(recipe, name, "fisher")
     batches = take_examples(task.data(params.split), params.num_examples)
     seed = recipe.fuse.seed if recipe.fuse else 0

@@ -54,7 +54,7 @@ def method_params(recipe: Recipe, method: Method) -> tuple[Any, dict[str, Any]]:
     values = [spec.params, *(spec.model_values(name) for name in names)]
     for value in values:
         for key, item in value.items():
-            if isinstance(item, list) and key != "heads":
+            if isinstance(item, list):
                 raise PlanError(
                     f"fuse: {method.name} is a whole-model method; {key} cannot be a gradient"
                 )

@@ -29,6 +29,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from merge_cli.io.checkpoint import Checkpoint
+
 
 class NoParams(BaseModel):
     """Parameter schema of a method without parameters."""
@@ -64,7 +66,7 @@ StatisticsFn = Callable[[Callable[[], Iterator[TensorJob]], Any, list[Any]], Any
 class ModelFuseResult:
     """A whole-model method's result: the merged checkpoint and what the run should report."""
 
-    checkpoint: Any
+    checkpoint: Checkpoint
     report: dict[str, Any]
 
 

@@ -36,7 +36,12 @@ from merge_cli.fuse.model_data import (
     task_of,
 )
 from merge_cli.fuse.registry import Method, ModelFuseResult
-from merge_cli.fuse.stats_cache import cached_statistics, checkpoint_fingerprint, fingerprint
+from merge_cli.fuse.stats_cache import (
+    CachedStatistics,
+    cached_statistics,
+    checkpoint_fingerprint,
+    fingerprint,
+)
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import Recipe
@@ -110,7 +115,14 @@ def regmean_weight(
     return torch.linalg.solve(total, target).T.float()
 
 
-def _gram_file(recipe, checkpoints, name, params: RegMeanParams, device: str):
+def _gram_file(
+    recipe: Recipe,
+    checkpoints: dict[str, Checkpoint],
+    name: str,
+    params: RegMeanParams,
+    device: str,
+) -> CachedStatistics:
+    """Model ``name``'s Gram matrices on its own task's data, from the cache or computed."""
     task = task_of(recipe, name, "regmean")
     batches = take_examples(task.data(params.split), params.num_examples)
     key = fingerprint(

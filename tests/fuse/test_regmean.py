@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from merge_cli.fuse.regmean import gram_matrices, regmean_weight
 from merge_cli.pipeline import RunOptions, run
@@ -110,3 +113,14 @@ def test_zero_input_features_fall_back_to_the_average():
     merged = regmean_weight(weights, grams, alpha=1.0)
     torch.testing.assert_close(merged[:, 2], (weights[0][:, 2] + weights[1][:, 2]) / 2)
     assert torch.isfinite(merged).all()
+
+
+def test_plan_states_the_gram_cache_size(tmp_path, cli):
+    models = dm.task_models(tmp_path / "models", TASKS, hidden=HIDDEN, depth=2)
+    path = tmp_path / "regmean.yaml"
+    recipe = dm.recipe(tmp_path, models, TASKS, "regmean", tmp_path / "o", HIDDEN, 2)
+    path.write_text(yaml.safe_dump(recipe))
+    code, out, _ = cli("plan", path, "--json")
+    assert code == 0
+    # per model: trunk.0 (64 inputs), trunk.2 and head (HIDDEN inputs), float32
+    assert json.loads(out)["cache_bytes"] == len(TASKS) * (64**2 + 2 * HIDDEN**2) * 4
