@@ -11,7 +11,8 @@ paper's test-time adaptation; targets are never read), with Adam, and are clippe
 [0, 1] after each step as in the paper's code. Each task's predictions go through its own
 head when ``heads`` is set.
 
-The learned coefficients go to the run report (``merge_report.json`` beside the output),
+It holds the base and every task vector in memory (``K + 1`` float32 copies of the trunk)
+and caches nothing. The learned coefficients go to the run report (``merge_report.json`` beside the output),
 and ``coefficients: path/to/merge_report.json`` replays them without reading any data.
 """
 
