@@ -12,8 +12,9 @@ paper's test-time adaptation; targets are never read), with Adam, and are clippe
 head when ``heads`` is set.
 
 It holds the base and every task vector in memory (``K + 1`` float32 copies of the trunk)
-and caches nothing. The learned coefficients go to the run report (``merge_report.json`` beside the output),
-and ``coefficients: path/to/merge_report.json`` replays them without reading any data.
+and caches nothing. The learned coefficients go to the run report (``merge_report.json``
+beside the output), and ``coefficients: path/to/merge_report.json`` replays them without
+reading any data.
 """
 
 from __future__ import annotations
