@@ -123,7 +123,7 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe: load, (align), fuse, save, (evaluate)."""
-    from merge_cli.pipeline import RunOptions
+    from merge_cli.pipeline import REPORT_FILE, RunOptions
     from merge_cli.pipeline import run as run_pipeline
     from merge_cli.recipe import load_recipe
 
@@ -159,23 +159,10 @@ def run(
             f"  {result.plan['tensors']} tensors, {_human(result.plan['bytes_written'])} in "
             f"{len(result.plan['shards'])} shard(s); read {_human(result.plan['bytes_read'])}"
         )
-    if result.report.get("fuse"):
-        _print_fuse_report(result.report["fuse"])
+    if result.report and result.output:
+        console.print(f"  report: {result.output / REPORT_FILE}")
     if result.evaluation:
         _print_evaluation(result.evaluation)
-
-
-def _print_fuse_report(report: dict[str, Any]) -> None:
-    """The scalar and short-list entries of a whole-model method's report."""
-    for key, value in report.items():
-        if (
-            isinstance(value, list)
-            and len(value) <= 8
-            and not any(isinstance(v, (dict, list)) for v in value)
-        ):
-            value = ", ".join(_cell(v) for v in value)
-        if not isinstance(value, (dict, list)):
-            console.print(f"  {key}: {_cell(value)}", highlight=False)
 
 
 @app.command("eval")
@@ -272,7 +259,13 @@ def plan(
     recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Show what a run will read and write, and the peak memory it expects."""
-    from merge_cli.pipeline import method_of, open_models, plan_merge, plan_summary
+    from merge_cli.pipeline import (
+        method_of,
+        open_models,
+        plan_merge,
+        plan_summary,
+        plan_whole_model,
+    )
     from merge_cli.recipe import load_recipe
 
     def action() -> Any:
@@ -282,12 +275,8 @@ def plan(
             return {"stages": _stages(parsed)}
         method = method_of(parsed)
         if not method.streaming:
-            return {
-                "stages": _stages(parsed),
-                "method": method.name,
-                "streaming": False,
-                "note": "whole-model method: loads the models and the task's data",
-            }
+            whole = plan_whole_model(parsed, checkpoints)
+            return {"stages": _stages(parsed), "streaming": False, **whole}
         summary = plan_summary(parsed, plan_merge(parsed, checkpoints), checkpoints)
         return {"stages": _stages(parsed), "streaming": True, **summary}
 
@@ -299,6 +288,8 @@ def plan(
     if "bytes_read" not in summary:
         if "note" in summary:
             console.print(summary["note"])
+        if "cache_bytes" in summary:
+            console.print(f"statistics caches need ≈ {_human(summary['cache_bytes'])} on disk")
         return
     console.print(
         f"method [bold]{summary['method']}[/bold] on {', '.join(summary['models'])}"

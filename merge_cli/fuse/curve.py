@@ -19,7 +19,7 @@ from merge_cli.connect.curve import train_bend
 from merge_cli.connect.path import BEND_FILE, bend_bytes, curve_point
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.scoring import read_weights
-from merge_cli.fuse.registry import FusedModel, Method
+from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.recipe import Recipe
 from merge_cli.task import Task
@@ -39,7 +39,7 @@ class CurveParams(BaseModel):
 
 def fuse_curve(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], options: RunOptions
-) -> FusedModel:
+) -> ModelFuseResult:
     """Train the bend between the two fused models; return the model at ``t`` and the bend."""
     spec = recipe.fuse
     assert spec is not None
@@ -79,7 +79,7 @@ def fuse_curve(
         "bend_file": BEND_FILE,
         "train_loss_per_epoch": epoch_losses,
     }
-    return FusedModel(
+    return ModelFuseResult(
         InMemoryCheckpoint(point, source=f"curve({first}, {second}) at t={params.t}"),
         report,
         {BEND_FILE: bend_bytes(bend, metadata)},

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.scoring import read_weights, score
-from merge_cli.fuse.registry import FusedModel, Method
+from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import Recipe
@@ -76,7 +76,7 @@ def greedy_soup(
 
 def fuse_greedy_soup(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], options: RunOptions
-) -> FusedModel:
+) -> ModelFuseResult:
     spec = recipe.fuse
     assert spec is not None
     params = GreedySoupParams.model_validate(spec.params)
@@ -122,7 +122,7 @@ def fuse_greedy_soup(
         f"{params.split} {params.metric} {sign * soup_value:.4f} (uniform soup "
         f"{sign * uniform_value:.4f}, best single {sign * individual[best_single]:.4f})"
     )
-    return FusedModel(InMemoryCheckpoint(soup, source="greedy soup"), report)
+    return ModelFuseResult(InMemoryCheckpoint(soup, source="greedy soup"), report)
 
 
 METHOD = Method(

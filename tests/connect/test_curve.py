@@ -60,7 +60,7 @@ def test_curve_recipe_finds_a_path_with_under_a_tenth_of_the_linear_barrier(
     assert merged.keys() == expected.keys()
     for name in merged:
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=0)
-    assert payload["report"]["fuse"]["bend_file"] == BEND_FILE
+    assert payload["report"]["bend_file"] == BEND_FILE
     accuracy = {r["model"]: r["value"] for r in payload["evaluation"] if r["metric"] == "accuracy"}
     assert accuracy["merged"] > 0.9
 
@@ -112,7 +112,7 @@ def test_batchnorm_statistics_are_recomputed_for_the_saved_point(tmp_path, digit
     torch.testing.assert_close(merged["layers.1.running_var"], torch.stack(variances).mean(0))
     bend = load_file(str(result.output / BEND_FILE))
     assert "layers.1.running_mean" not in bend and "layers.1.weight" in bend
-    assert result.report["fuse"]["curve"] == "polychain"
+    assert result.report["curve"] == "polychain"
 
 
 def test_curve_recipe_errors_name_the_problem(tmp_path):

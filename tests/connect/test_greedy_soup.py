@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from merge_cli.evaluate.scoring import score
 from merge_cli.fuse.greedy_soup import greedy_soup
+from merge_cli.pipeline import REPORT_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,8 +47,8 @@ def test_greedy_soup_of_six_finetunes_beats_the_best_single_one(
     )
     assert code == 0, stderr
     payload = json.loads(stdout)
-    report = payload["report"]["fuse"]
-    assert json.loads((out / "fuse_report.json").read_text()) == report
+    report = payload["report"]
+    assert json.loads((out / REPORT_FILE).read_text()) == report
     val = report["models"]
     best = max(FINETUNES, key=lambda n: val[n])
     assert report["best_single"] == best
