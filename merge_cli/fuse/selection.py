@@ -55,13 +55,12 @@ class TopK:
             return torch.zeros_like(keys, dtype=torch.bool)
         if self.k >= self.numel:
             return torch.ones_like(keys, dtype=torch.bool)
-        keep = keys > self.threshold
-        equal = keys == self.threshold
         if self.ties_kept == self.ties_total:
-            return keep | equal
+            return keys >= self.threshold
+        keep = keys > self.threshold
         room = self.ties_kept - self.ties_before[first_row]
         if room > 0:
-            positions = equal.nonzero().squeeze(1)[:room]
+            positions = (keys == self.threshold).nonzero().squeeze(1)[:room]
             keep[positions] = True
         return keep
 
