@@ -32,6 +32,7 @@ import json
 import re
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,7 +78,9 @@ def router_name(layer: int) -> str:
 
 
 def expert_name(layer: int, expert: int, projection: str) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{EXPERT_NAMES[projection]}.weight"
+    return (
+        f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{EXPERT_NAMES[projection]}.weight"
+    )
 
 
 def read_config(checkpoint: Checkpoint, role: str) -> dict[str, Any]:
@@ -136,11 +139,11 @@ class RouterCheckpoint:
             raise missing_tensor(self.source, name) from None
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        info = self.info(name)
+        self.info(name)
         with self._lock:
             if self._gates is None:
                 self._gates = self._compute()
-        gate = self._gates[self.tensor_names().index(name)].to(info.dtype)
+        gate = self._gates[self.tensor_names().index(name)]
         return gate if rows is None else gate[rows[0] : rows[1]]
 
 
@@ -201,7 +204,9 @@ def hidden_gates(
     for positive, negative in prompts:
         vector = prompt_hidden_states(model, tokenize(positive, base.directory, vocab), average)
         if negative:
-            vector -= prompt_hidden_states(model, tokenize(negative, base.directory, vocab), average)
+            vector -= prompt_hidden_states(
+                model, tokenize(negative, base.directory, vocab), average
+            )
         rows.append(vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-8))
     return torch.stack(rows, dim=1)
 
@@ -241,8 +246,11 @@ def derived_routers(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> dict[
             return torch.randn(shape, generator=generator) * scale
         return hidden_gates(base, config, prompts, average=params.gate_mode == "hidden_avg")
 
-    dtype = output_dtype(embed.dtype, "keep")
-    return {ROUTER_SOURCE: RouterCheckpoint(num_layers, len(experts), hidden_size, dtype, compute)}
+    return {
+        ROUTER_SOURCE: RouterCheckpoint(
+            num_layers, len(experts), hidden_size, torch.float32, compute
+        )
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,7 +284,8 @@ def _plan_tensors(
             out_name, info.shape, output_dtype(info.dtype, save_dtype), copy_from=(model, name)
         )
 
-    hidden_size = checkpoints[base].info("model.embed_tokens.weight").shape[1]
+    embed = checkpoints[base].info("model.embed_tokens.weight")
+    hidden_size, embed_dtype = embed.shape[1], embed.dtype
     expert_tensors = {name: set(checkpoints[name].tensor_names()) for name in model_names}
     problems = []
     intermediate: set[int] = set()
@@ -291,7 +300,9 @@ def _plan_tensors(
         if layer in emitted:
             continue
         emitted.add(layer)
-        tensors.append(copied(router_name(layer), ROUTER_SOURCE, router_name(layer)))
+        # the router (computed in float32) is saved in the base model's dtype under "keep"
+        router = copied(router_name(layer), ROUTER_SOURCE, router_name(layer))
+        tensors.append(replace(router, dtype=output_dtype(embed_dtype, save_dtype)))
         for index, expert in enumerate(model_names):
             for projection in EXPERT_NAMES:
                 source = f"model.layers.{layer}.mlp.{projection}.weight"
