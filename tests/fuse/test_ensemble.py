@@ -145,8 +145,8 @@ def test_given_weights_are_normalised_and_saved(member_files, tmp_path, monkeypa
     expected = 0.25 * members[0](x) + 0.25 * members[1](x) + 0.5 * members[2](x)
     torch.testing.assert_close(model(x), expected)
     # members are plain checkpoints: loadable on their own with their task
-    s1 = merge_cli.load(tmp_path / "out" / "members" / "s1",
-                        task={"model": "recipes/tasks/digits.py:build_mlp", "params": {"hidden": 32, "depth": 2}})  # fmt: skip
+    task = {"model": "recipes/tasks/digits.py:build_mlp", "params": {"hidden": 32, "depth": 2}}
+    s1 = merge_cli.load(tmp_path / "out" / "members" / "s1", task=task)
     torch.testing.assert_close(s1(x), members[0](x))
 
 
