@@ -8,12 +8,17 @@ Combination rules (``fuse.params.combine``), each over the last axis of the memb
   using deep ensembles" (NeurIPS);
 * ``vote``: plurality vote of the members' predicted classes, as in bagging (Breiman 1996,
   "Bagging predictors"); ties go to the class with the higher mean probability;
-* ``weighted``: a convex mixture of the probabilities with per-model ``weight``\\ s, or, when
-  no weight is given, weights fitted on the task's ``val`` split by minimising the negative
-  log-likelihood of the mixture over the probability simplex — linear stacking with
-  non-negative weights (Wolpert 1992, "Stacked generalization"; Breiman 1996, "Stacked
-  regressions"). The objective is convex, so the fitted weights are the global optimum and
-  never do worse on ``val`` than uniform weights.
+* ``weighted``: a convex mixture of the probabilities with per-model ``weight``\\ s or, when
+  no weight is given, weights fitted on the task's ``val`` split (``fit``):
+
+  - ``selection`` (default): greedy ensemble selection with replacement (Caruana et al. 2004,
+    "Ensemble selection from libraries of models"; the weighted ensemble of AutoGluon and
+    auto-sklearn), started from the uniform mean, on held-out accuracy;
+  - ``nll``: the mixture weights that minimise the held-out negative log-likelihood over the
+    probability simplex — linear stacking with non-negative weights (Wolpert 1992, "Stacked
+    generalization"; Breiman 1996, "Stacked regressions"). The objective is convex, so this
+    is its global optimum. It gives the best-calibrated mixture, but tends to concentrate on
+    few members, which can cost accuracy (see docs/results-ensembles.md).
 
 ``mean_logits`` returns logits; the other rules return log-probabilities, so ``argmax`` and
 ``cross_entropy`` apply to every rule's output alike.
@@ -53,6 +58,11 @@ Combine = Literal["mean_logits", "mean_probs", "vote", "weighted"]
 class EnsembleParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     combine: Combine = Field("mean_probs", description="how the members' outputs are combined")
+    fit: Literal["selection", "nll"] = Field(
+        "selection",
+        description="how `weighted` fits weights when none are given: greedy ensemble "
+        "selection on held-out accuracy, or the NLL-optimal mixture",
+    )
     fit_split: Literal["train", "val"] = Field(
         "val", description="split on which `weighted` fits weights when none are given"
     )
@@ -127,8 +137,10 @@ class Ensemble(nn.Module):
 # Fitting weights
 
 
-def target_probabilities(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
-    """Each example's probability of its target class (for next-token loss: each token's)."""
+def flat_outputs(
+    logits: torch.Tensor, targets: torch.Tensor, loss: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[examples, classes]`` logits and ``[examples]`` targets (next-token: one per token)."""
     if loss == "causal_lm":
         logits, targets = logits[..., :-1, :], targets[..., 1:]
     elif loss != "cross_entropy":
@@ -139,29 +151,29 @@ def target_probabilities(logits: torch.Tensor, targets: torch.Tensor, loss: str)
     logits = logits.reshape(-1, logits.shape[-1]).float()
     targets = targets.reshape(-1)
     keep = targets != -100
-    chosen = logits[keep].log_softmax(-1).gather(1, targets[keep].unsqueeze(1)).squeeze(1)
-    return chosen.exp()
+    return logits[keep], targets[keep]
 
 
 @torch.no_grad()
-def member_target_probabilities(
+def member_probabilities(
     members: Sequence[nn.Module], batches: Iterable[Batch], loss: str, device: str = "cpu"
-) -> torch.Tensor:
-    """``[members, examples]``: each member's probability of each example's target."""
-    columns = []
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[members, examples, classes]`` predicted probabilities and ``[examples]`` targets.
+
+    Held in memory: meant for a held-out split of moderate size.
+    """
+    probabilities, all_targets = [], []
     for inputs, targets in batches:
         inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
-        columns.append(
-            torch.stack(
-                [
-                    target_probabilities(output_logits(m(inputs)).cpu(), targets.cpu(), loss)
-                    for m in members
-                ]
-            )
-        )
-    if not columns:
+        rows = []
+        for member in members:
+            logits, flat = flat_outputs(output_logits(member(inputs)).cpu(), targets.cpu(), loss)
+            rows.append(logits.softmax(-1))
+        probabilities.append(torch.stack(rows))
+        all_targets.append(flat)
+    if not probabilities:
         raise TaskError("ensemble: the split used to fit the weights has no data")
-    return torch.cat(columns, dim=1)
+    return torch.cat(probabilities, dim=1), torch.cat(all_targets)
 
 
 def fit_simplex_weights(probabilities: torch.Tensor) -> tuple[list[float], float]:
@@ -194,6 +206,40 @@ def fit_simplex_weights(probabilities: torch.Tensor) -> tuple[list[float], float
     if nll(weights)[0] > nll(uniform)[0]:  # a failed solve must never be worse than uniform
         weights = uniform
     return weights.tolist(), nll(weights)[0]
+
+
+def select_weights(
+    probabilities: torch.Tensor, targets: torch.Tensor, rounds: int = 40
+) -> list[float]:
+    """Greedy ensemble selection with replacement (Caruana et al. 2004).
+
+    Starts from every member once — the uniform mean — and adds, ``rounds`` times at most,
+    one more copy of the member that most improves the mixture's accuracy on the held-out
+    split (ties: the lower negative log-likelihood); stops when no member improves it. The
+    weights are the copy counts, normalised. Starting from the mean keeps the weights near
+    uniform unless the held-out data clearly prefers some members.
+    """
+    probabilities = probabilities.double()
+    index = torch.arange(len(targets))
+    counts = torch.ones(probabilities.shape[0], dtype=torch.float64)
+    total = probabilities.sum(0)
+
+    def score(mixture_sum: torch.Tensor, count: float) -> tuple[float, float]:
+        mixture = mixture_sum / count
+        accuracy = float((mixture.argmax(-1) == targets).double().mean())
+        nll = float(-mixture[index, targets].clamp_min(1e-300).log().mean())
+        return accuracy, -nll
+
+    current = score(total, float(counts.sum()))
+    for _ in range(rounds):
+        scores = [score(total + p, float(counts.sum()) + 1) for p in probabilities]
+        best = max(range(len(scores)), key=lambda j: scores[j])
+        if scores[best] <= current:
+            break
+        counts[best] += 1
+        total = total + probabilities[best]
+        current = scores[best]
+    return (counts / counts.sum()).tolist()
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,17 +306,34 @@ def ensemble_weights(
         return [1.0 / len(names)] * len(names), {"weights": "uniform"}
     task = data_task(recipe, names)
     members = members or load_members(recipe, checkpoints, names, device)
-    probabilities = member_target_probabilities(
+    probabilities, targets = member_probabilities(
         list(members.values()), task.data(params.fit_split), task.spec.loss, device
     )
-    weights, nll = fit_simplex_weights(probabilities)
-    uniform_nll = float(-probabilities.double().mean(0).clamp_min(1e-12).log().mean())
+    if params.fit == "nll":
+        weights, _ = fit_simplex_weights(probabilities[:, torch.arange(len(targets)), targets])
+    else:
+        weights = select_weights(probabilities, targets)
+    uniform = [1.0 / len(names)] * len(names)
     return weights, {
         "weights": "fitted",
+        "fit": params.fit,
         "split": params.fit_split,
-        "examples": probabilities.shape[1],
-        "nll": nll,
-        "uniform_nll": uniform_nll,
+        "examples": len(targets),
+        "held_out": held_out_scores(probabilities, targets, weights),
+        "held_out_uniform": held_out_scores(probabilities, targets, uniform),
+    }
+
+
+def held_out_scores(
+    probabilities: torch.Tensor, targets: torch.Tensor, weights: list[float]
+) -> dict[str, float]:
+    """Accuracy and negative log-likelihood of the weighted mixture."""
+    w = torch.tensor(weights, dtype=torch.float64).reshape(-1, 1, 1)
+    mixture = (w * probabilities.double()).sum(0)
+    chosen = mixture[torch.arange(len(targets)), targets].clamp_min(1e-300)
+    return {
+        "accuracy": float((mixture.argmax(-1) == targets).double().mean()),
+        "nll": float(-chosen.log().mean()),
     }
 
 
@@ -289,10 +352,13 @@ def fuse_ensemble(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: A
             raise TaskError(f"models.{name}: an ensemble member needs task.model (how to build it)")
     weights, fit = ensemble_weights(recipe, checkpoints, names, params, options.device)
     if fit["weights"] == "fitted":
+        fitted, uniform = fit["held_out"], fit["held_out_uniform"]
         options.progress.note(
-            f"ensemble weights fitted on {fit['split']} ({fit['examples']} targets): "
+            f"ensemble weights fitted ({fit['fit']}) on {fit['split']} ({fit['examples']} "
+            "targets): "
             + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights, strict=True))
-            + f"; NLL {fit['nll']:.4f} (uniform {fit['uniform_nll']:.4f})"
+            + f"; accuracy {fitted['accuracy']:.4f}, NLL {fitted['nll']:.4f} "
+            f"(uniform: {uniform['accuracy']:.4f}, {uniform['nll']:.4f})"
         )
     target = Path(recipe.save.path)
     with staged_directory(target, options.overwrite) as staged:
