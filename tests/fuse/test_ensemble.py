@@ -188,7 +188,9 @@ def test_weights_for_some_members_only_is_an_error(member_files, tmp_path, monke
     monkeypatch.chdir(REPO)
     raw = ensemble_recipe(member_files, tmp_path / "out")
     raw["fuse"]["models"] = {"s1": {"weight": 1.0}, "s2": {}, "s3": {}}
-    with pytest.raises(PlanError, match="give a weight to every member or to none.*missing for s2, s3"):
+    with pytest.raises(
+        PlanError, match="give a weight to every member or to none.*missing for s2, s3"
+    ):
         run(recipe_from_dict(raw))
     assert not (tmp_path / "out").exists()
 
