@@ -6,10 +6,19 @@ entry (:class:`~merge_cli.fuse.registry.Method`), then add it to ``_MODULES`` be
 
 from __future__ import annotations
 
-from merge_cli.fuse import distill, ensemble, linear, moe, passthrough
+from merge_cli.fuse import (
+    adamerging,
+    distill,
+    ensemble,
+    fisher,
+    linear,
+    moe,
+    passthrough,
+    regmean,
+)
 from merge_cli.fuse.registry import Method, TensorJob
 
-_MODULES = [linear, passthrough, ensemble, moe, distill]
+_MODULES = [linear, passthrough, fisher, regmean, adamerging, ensemble, moe, distill]
 
 #: Every available fuse method by name.
 METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _MODULES}
@@ -18,7 +27,7 @@ METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _M
 PLANNED: set[str] = {
     "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "multislerp", "karcher", "nuslerp", "model_stock", "sce",
-    "greedy_soup", "fisher", "regmean", "adamerging", "curve",
+    "greedy_soup", "curve",
 }  # fmt: skip
 
 __all__ = ["METHODS", "PLANNED", "Method", "TensorJob"]

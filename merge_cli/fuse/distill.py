@@ -35,7 +35,7 @@ from merge_cli.fuse.ensemble import (
     load_members,
     output_logits,
 )
-from merge_cli.fuse.registry import Method
+from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import Recipe
@@ -231,20 +231,29 @@ def merge_to(
 
 def fuse_distill(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], options: Any
-) -> InMemoryCheckpoint:
-    """Build the teacher ensemble and the student, distil, return the student's weights."""
-    assert recipe.fuse is not None
-    names = recipe.fuse.model_names(list(recipe.models))
+) -> ModelFuseResult:
+    """Build the teacher ensemble and the student, distil; the student and its history."""
+    spec = recipe.fuse
+    assert spec is not None
+    if spec.rules:
+        raise PlanError(
+            "fuse.rules: distill is a whole-model method; per-tensor rules do not apply"
+        )
     params = DistillParams.model_validate(
-        {k: v for k, v in recipe.fuse.params.items() if k in DistillParams.model_fields}
+        {k: v for k, v in spec.params.items() if k in DistillParams.model_fields}
     )
+    per_model = {
+        name: EnsembleModelParams.model_validate(spec.model_values(name))
+        for name in spec.model_names(list(recipe.models))
+    }
     for name in params.init_models or []:
         if name not in recipe.models:
             raise PlanError(f"fuse.params.init_models: no model named {name!r}")
+    names = list(per_model)
     members = load_members(recipe, checkpoints, names, options.device)
     ensemble_params = EnsembleParams(combine=params.combine)
     weights, _ = ensemble_weights(
-        recipe, checkpoints, names, ensemble_params, options.device, members
+        recipe, checkpoints, ensemble_params, per_model, options.device, members
     )
     teacher = Ensemble(members, params.combine, weights)
     student = initial_student(recipe, checkpoints, params, names, options)
@@ -252,7 +261,7 @@ def fuse_distill(
     train, val = list(task.data("train")), list(task.data("val"))
     if not train:
         raise TaskError("task.data: the train split is empty; distillation needs data")
-    student, _history = distill(
+    student, history = distill(
         student,
         teacher,
         train,
@@ -264,7 +273,12 @@ def fuse_distill(
         options.progress,
     )
     state = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
-    return InMemoryCheckpoint(state, source="<distilled student>")
+    report = {
+        "teacher": {"combine": params.combine, "weights": dict(zip(names, weights, strict=True))},
+        "init": params.init,
+        "history": history,
+    }
+    return ModelFuseResult(InMemoryCheckpoint(state, source="<distilled student>"), report)
 
 
 METHOD = Method(

@@ -44,6 +44,7 @@ from scipy.optimize import minimize
 from torch import nn
 
 from merge_cli.errors import CheckpointError, PlanError, TaskError
+from merge_cli.fuse.model_data import method_params
 from merge_cli.fuse.registry import Method
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.writer import staged_directory
@@ -246,18 +247,13 @@ def select_weights(
 # The fuse method
 
 
-def member_weights(recipe: Recipe, names: list[str]) -> list[float] | None:
+def member_weights(per_model: dict[str, EnsembleModelParams]) -> list[float] | None:
     """The members' given weights, or None when none is given (an error when only some are)."""
-    assert recipe.fuse is not None
-    spec = recipe.fuse
-    level = {k: v for k, v in spec.params.items() if k in EnsembleModelParams.model_fields}
-    given = [
-        EnsembleModelParams.model_validate({**level, **spec.model_values(n)}).weight for n in names
-    ]
+    given = [values.weight for values in per_model.values()]
     if all(w is None for w in given):
         return None
-    if any(w is None for w in given):
-        missing = [n for n, w in zip(names, given, strict=True) if w is None]
+    missing = [name for name, values in per_model.items() if values.weight is None]
+    if missing:
         raise PlanError(
             f"fuse.models: give a weight to every member or to none (none: fitted on val); "
             f"missing for {', '.join(missing)}"
@@ -292,13 +288,14 @@ def data_task(recipe: Recipe, names: list[str]) -> Task:
 def ensemble_weights(
     recipe: Recipe,
     checkpoints: dict[str, Checkpoint],
-    names: list[str],
     params: EnsembleParams,
+    per_model: dict[str, EnsembleModelParams],
     device: str = "cpu",
     members: dict[str, nn.Module] | None = None,
 ) -> tuple[list[float], dict[str, Any]]:
     """The members' weights (given, fitted, or uniform) and how they were obtained."""
-    given = member_weights(recipe, names)
+    names = list(per_model)
+    given = member_weights(per_model)
     if given is not None:
         total = sum(given)
         return [w / total for w in given], {"weights": "given"}
@@ -342,15 +339,13 @@ def fuse_ensemble(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: A
     from merge_cli.pipeline import model_card, save_checkpoint
 
     assert recipe.fuse is not None and recipe.save is not None
-    names = recipe.fuse.model_names(list(recipe.models))
-    params = EnsembleParams.model_validate(
-        {k: v for k, v in recipe.fuse.params.items() if k in EnsembleParams.model_fields}
-    )
+    params, per_model = method_params(recipe, METHOD)
+    names = list(per_model)
     for name in names:
         spec = recipe.task_for(name)
         if spec is None or spec.model is None:
             raise TaskError(f"models.{name}: an ensemble member needs task.model (how to build it)")
-    weights, fit = ensemble_weights(recipe, checkpoints, names, params, options.device)
+    weights, fit = ensemble_weights(recipe, checkpoints, params, per_model, options.device)
     if fit["weights"] == "fitted":
         fitted, uniform = fit["held_out"], fit["held_out_uniform"]
         options.progress.note(

@@ -11,8 +11,11 @@ recipe is loaded) and how the executor drives it:
   iterators so it can make as many passes as it needs before ``merge`` sees the first chunk.
 * **whole-model** methods set ``fuse_model``: they receive the loaded inputs and the task
   and return a checkpoint (usually an :class:`~merge_cli.io.InMemoryCheckpoint`) that the
-  writer saves, or the path of an output they wrote themselves (an ensemble directory),
-  staged in a temporary sibling directory like every other output.
+  writer saves, or a :class:`ModelFuseResult` that adds a report (learned coefficients,
+  statistics used) to the run's report, or the path of an output they wrote themselves
+  (an ensemble directory), staged in a temporary sibling directory like every other output.
+  ``cache_bytes`` estimates, from headers alone, the disk the method's statistics caches
+  need, for ``merge-cli plan``.
 
 ``plan_tensors`` lets a method choose the output tensors itself (passthrough's layer
 stacking); by default every tensor of the first input is merged from the same-named tensor
@@ -29,6 +32,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from merge_cli.io.checkpoint import Checkpoint
 
 
 class NoParams(BaseModel):
@@ -62,6 +67,14 @@ StatisticsFn = Callable[[Callable[[], Iterator[TensorJob]], Any, list[Any]], Any
 
 
 @dataclass(frozen=True)
+class ModelFuseResult:
+    """A whole-model method's result: the merged checkpoint and what the run should report."""
+
+    checkpoint: Checkpoint
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Method:
     """A registry entry: one fusion method and how to run it."""
 
@@ -83,6 +96,8 @@ class Method:
     #: (recipe, checkpoints) -> {source name: lazy Checkpoint} for ``plan_tensors`` to copy from
     derived_inputs: Callable[..., Any] | None = None
     needs_task: bool = False
+    #: (recipe, checkpoints) -> bytes of statistics a whole-model method caches on disk.
+    cache_bytes: Callable[..., int] | None = None
 
     @property
     def streaming(self) -> bool:
