@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -96,6 +98,9 @@ def test_student_recovers_most_of_the_ensemble_gain(member_files, tmp_path, monk
     assert size == sum(p.numel() for p in members["s1"].parameters())
     epochs = [n for n in progress.notes if n.startswith("epoch ")]
     assert len(epochs) == 40 and all("val_loss" in n and "val_accuracy" in n for n in epochs)
+    report = json.loads((result.output / "merge_report.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == list(range(41))
+    assert report["teacher"]["combine"] == "mean_probs" and report["init"] == "linear"
 
 
 def test_linear_init_is_the_members_average(member_files, monkeypatch):
