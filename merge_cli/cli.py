@@ -165,6 +165,44 @@ def run(
         _print_evaluation(result.evaluation)
 
 
+@app.command("eval")
+def eval_(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    merged: Annotated[
+        str | None,
+        typer.Option(
+            help="The fused model to score as `merged` (default: save.path if it exists)."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the JSON report (plots go beside it)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a recipe's evaluate stage alone, on existing checkpoints (no fuse)."""
+    from merge_cli.errors import RecipeError
+    from merge_cli.evaluate.stage import run_evaluation
+    from merge_cli.pipeline import RunOptions
+    from merge_cli.recipe import load_recipe
+
+    def action() -> Any:
+        parsed = load_recipe(recipe, set_, merged)
+        if not parsed.evaluate:
+            raise RecipeError(str(recipe), ["evaluate: the recipe has no evaluate entries"])
+        _check_device(device)
+        options = RunOptions(device=device, progress=RichProgress(not as_json))
+        return run_evaluation(parsed, options, merged, report)
+
+    rows, written = _guarded(as_json, action)
+    if as_json:
+        _print_json({"ok": True, "report": str(written), "evaluation": rows})
+        return
+    _print_evaluation(rows)
+
+
 def _print_evaluation(rows: list[dict[str, Any]]) -> None:
     table = Table(title="evaluation")
     keys = list(dict.fromkeys(k for row in rows for k in row))

@@ -166,13 +166,16 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
         else:
             assert method.fuse_model is not None
             merged = method.fuse_model(recipe, checkpoints, options)
+            files: dict[str, bytes] = {}
             if isinstance(merged, ModelFuseResult):
-                merged, report = merged.checkpoint, merged.report
+                merged, report, files = merged.checkpoint, merged.report, merged.files
             # A method that writes its own output layout (an ensemble directory) returns its path.
             output = (
                 merged
                 if isinstance(merged, Path)
-                else save_checkpoint(recipe, merged, checkpoints, options, report=report)
+                else save_checkpoint(
+                    recipe, merged, checkpoints, options, report=report, files=files
+                )
             )
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
@@ -215,10 +218,12 @@ def save_checkpoint(
     config_source: str | None = None,
     config_updates: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
     """Save a whole-model method's result (any Checkpoint) through the streaming writer.
 
-    A non-empty ``report`` is written beside the weights as :data:`REPORT_FILE`.
+    A non-empty ``report`` is written beside the weights as :data:`REPORT_FILE`, and
+    ``files`` (relative path -> contents) inside the output directory.
     """
     assert recipe.save is not None and recipe.fuse is not None
     from merge_cli.fuse.passthrough import METHOD as PASSTHROUGH
@@ -261,6 +266,8 @@ def save_checkpoint(
         write_extras(recipe, writer, checkpoints[source], plan.config_updates)
         if report:
             writer.write_text(REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        for relative, data in (files or {}).items():
+            writer.write_bytes(relative, data)
         return writer.finish()
 
 

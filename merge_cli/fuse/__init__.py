@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from merge_cli.fuse import (
     adamerging,
+    curve,
     distill,
     ensemble,
     fisher,
+    greedy_soup,
     linear,
     moe,
     passthrough,
@@ -18,7 +20,9 @@ from merge_cli.fuse import (
 )
 from merge_cli.fuse.registry import Method, TensorJob
 
-_MODULES = [linear, passthrough, fisher, regmean, adamerging, ensemble, moe, distill]
+_MODULES = [
+    linear, passthrough, fisher, regmean, adamerging, greedy_soup, curve, ensemble, moe, distill,
+]  # fmt: skip
 
 #: Every available fuse method by name.
 METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _MODULES}
@@ -27,7 +31,6 @@ METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _M
 PLANNED: set[str] = {
     "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "multislerp", "karcher", "nuslerp", "model_stock", "sce",
-    "greedy_soup", "curve",
 }  # fmt: skip
 
 __all__ = ["METHODS", "PLANNED", "Method", "TensorJob"]

@@ -27,7 +27,7 @@ other input during the stream, and so never break the plan-before-read contract.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -72,6 +72,9 @@ class ModelFuseResult:
 
     checkpoint: Checkpoint
     report: dict[str, Any]
+    #: Extra files saved inside the output directory: relative path -> contents (a curve's
+    #: bend).
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
