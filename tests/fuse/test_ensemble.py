@@ -132,6 +132,10 @@ def test_digits_ensemble_beats_its_best_member(member_files, tmp_path, monkeypat
     sets = [f"--set=models.{name}.path={path}" for name, path in member_files.items()]
     code, out, err = cli("run", RECIPE, *sets, "--out", tmp_path / "weighted", "--json")
     assert code == 0, err
+    rows = json.loads(out)["evaluation"]
+    evaluated = {r["model"]: r["value"] for r in rows if r["metric"] == "accuracy"}
+    assert set(evaluated) == {*member_files, "merged"}
+    assert evaluated["merged"] > max(evaluated[name] for name in member_files)
     weighted = merge_cli.load(tmp_path / "weighted")
     assert isinstance(weighted, Ensemble)
     fit = json.loads((tmp_path / "weighted" / "ensemble.json").read_text())["fit"]
@@ -144,6 +148,7 @@ def test_digits_ensemble_beats_its_best_member(member_files, tmp_path, monkeypat
     for rule in ("mean_logits", "mean_probs", "vote"):
         accuracy[rule] = digits.accuracy(Ensemble(members, rule), test)
     accuracy["weighted"] = digits.accuracy(weighted, test)
+    assert accuracy["weighted"] == pytest.approx(evaluated["merged"])
     # the NLL-optimal mixture (fit: nll), fitted on val
     probabilities, targets = member_probabilities(list(members.values()), digits.data("val"),
                                                   "cross_entropy")  # fmt: skip
