@@ -360,6 +360,7 @@ def fuse_ensemble(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: A
         members = []
         for name, weight in zip(names, weights, strict=True):
             relative = f"members/{name}"
+            options.progress.note(f"writing ensemble member {name}")
             save = recipe.save.model_copy(
                 update={"path": str(staged / relative), "model_card": False}
             )

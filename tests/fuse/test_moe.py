@@ -186,3 +186,33 @@ def test_moe_recipe_runs(tiny_llamas, tmp_path, monkeypatch, cli):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == "MixtralForCausalLM"
     assert model.config.num_experts_per_tok == 2
+
+
+def test_text_prompts_use_the_base_tokenizer_with_bos(tiny_llamas, tmp_path):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    paths = dict(tiny_llamas)
+    paths["base"] = tmp_path / "base"
+    shutil.copytree(tiny_llamas["base"], paths["base"])
+    fast.save_pretrained(paths["base"])
+    raw = moe_recipe(paths, tmp_path / "moe")
+    raw["fuse"]["models"] = {
+        "math": {"positive_prompts": ["w17 w42 w99", "w17 w58"]},
+        "code": {"positive_prompts": ["w200 w201 w202"]},
+    }
+    moe = load_safetensors_dir(run(recipe_from_dict(raw)).output)
+    math = reference_gates(paths["base"], [[1, 17, 42, 99], [1, 17, 58]], average=False)
+    code = reference_gates(paths["base"], [[1, 200, 201, 202]], average=False)
+    for layer in range(4):
+        gate = moe[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        torch.testing.assert_close(gate[0], math[layer] / math[layer].norm(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gate[1], code[layer] / code[layer].norm(), atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "moe" / "tokenizer_config.json").exists()  # copied from the base
