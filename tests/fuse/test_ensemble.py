@@ -236,3 +236,23 @@ def test_output_is_never_half_written(member_files, tmp_path, monkeypatch):
 def test_load_needs_a_task_for_a_plain_checkpoint(member_files):
     with pytest.raises(TaskError, match="say how to build the model"):
         merge_cli.load(member_files["s1"])
+
+
+def test_ensemble_of_transformers_models(tiny_llamas, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    raw = {
+        "models": {"math": str(tiny_llamas["math"]), "code": str(tiny_llamas["code"])},
+        "task": {"model": "transformers", "loss": "causal_lm"},
+        "fuse": {"method": "ensemble", "params": {"combine": "mean_logits"}},
+        "save": {"path": str(tmp_path / "out")},
+    }
+    run(recipe_from_dict(raw))
+    assert (tmp_path / "out" / "members" / "math" / "config.json").exists()
+    ensemble = merge_cli.load(tmp_path / "out")
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # members run in their checkpoints' dtype (bf16); mean in float32
+        logits = [
+            transformers.AutoModelForCausalLM.from_pretrained(tiny_llamas[n])(ids).logits.float()
+            for n in ("math", "code")
+        ]
+        torch.testing.assert_close(ensemble(ids), (logits[0] + logits[1]) / 2)
