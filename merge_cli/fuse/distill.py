@@ -79,26 +79,41 @@ def _to(inputs: Any, device: str) -> Any:
 
 @torch.no_grad()
 def held_out_check(
-    student: nn.Module, teacher: nn.Module, batches: list[Batch], loss: LossFn, device: str
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: list[Batch],
+    loss: LossFn,
+    device: str,
+    causal: bool = False,
 ) -> dict[str, float]:
-    """Student's val loss, and (for class outputs) accuracy and agreement with the teacher."""
+    """Student's val loss, and (for class outputs) accuracy and agreement with the teacher.
+
+    With ``causal`` (next-token loss) the prediction at position t is scored against the
+    token at t + 1.
+    """
     student.eval()
-    total = correct = agree = examples = 0.0
+    total = examples = correct = agree = positions = 0.0
     classify = True
     for inputs, targets in batches:
         inputs, targets = _to(inputs, device), targets.to(device)
         logits = output_logits(student(inputs))
         total += float(loss(logits, targets)) * len(targets)
-        if logits.shape[:-1] == targets.shape:
-            predicted = logits.argmax(-1)
-            correct += float((predicted == targets).sum())
-            agree += float((predicted == teacher(inputs).argmax(-1)).sum())
-        else:
-            classify = False
         examples += len(targets)
+        if logits.shape[:-1] != targets.shape:
+            classify = False
+            continue
+        teacher_logits = teacher(inputs)
+        if causal:
+            logits, teacher_logits = logits[..., :-1, :], teacher_logits[..., :-1, :]
+            targets = targets[..., 1:]
+        scored = targets != -100
+        predicted = logits.argmax(-1)
+        correct += float(((predicted == targets) & scored).sum())
+        agree += float(((predicted == teacher_logits.argmax(-1)) & scored).sum())
+        positions += float(scored.sum())
     result = {"val_loss": total / max(examples, 1)}
-    if classify and examples:
-        result |= {"val_accuracy": correct / examples, "val_agreement": agree / examples}
+    if classify and positions:
+        result |= {"val_accuracy": correct / positions, "val_agreement": agree / positions}
     return result
 
 
@@ -112,15 +127,18 @@ def distill(
     seed: int = 0,
     device: str = "cpu",
     progress: Progress | None = None,
+    causal: bool = False,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train ``student`` towards ``teacher`` on ``train``; return it and the per-epoch checks."""
+    """Train ``student`` towards ``teacher`` on ``train``; return it and the per-epoch checks.
+
+    ``causal``: the task's loss is next-token prediction (for the val accuracy)."""
     progress = progress or NullProgress()
     student.to(device)
     teacher.to(device).eval()
     optimizer = torch.optim.Adam(student.parameters(), lr=params.lr)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    history = [{"epoch": 0, **held_out_check(student, teacher, val, loss, device)}]
+    history = [{"epoch": 0, **held_out_check(student, teacher, val, loss, device, causal)}]
     best = (history[0]["val_loss"], _snapshot(student))
     progress.start("distilling", params.epochs, unit="epochs")
     for epoch in range(1, params.epochs + 1):
@@ -140,7 +158,7 @@ def distill(
             optimizer.step()
             running += objective.item()
         check = {"epoch": epoch, "train_loss": running / len(train)}
-        check |= held_out_check(student, teacher, val, loss, device)
+        check |= held_out_check(student, teacher, val, loss, device, causal)
         history.append(check)
         if check["val_loss"] < best[0]:
             best = (check["val_loss"], _snapshot(student))
@@ -256,7 +274,8 @@ def fuse_distill(
         recipe, checkpoints, ensemble_params, per_model, options.device, members
     )
     teacher = Ensemble(members, params.combine, weights)
-    student = initial_student(recipe, checkpoints, params, names, options)
+    # trained in float32 whatever the checkpoints' dtype; saved in save.dtype
+    student = initial_student(recipe, checkpoints, params, names, options).float()
     task = data_task(recipe, names)
     train, val = list(task.data("train")), list(task.data("val"))
     if not train:
@@ -271,6 +290,7 @@ def fuse_distill(
         recipe.fuse.seed,
         options.device,
         options.progress,
+        causal=task.spec.loss == "causal_lm",
     )
     state = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
     report = {

@@ -147,3 +147,36 @@ def test_init_errors(member_files, tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="fuse.params.temperature"):
         recipe_from_dict(distill_recipe(member_files, tmp_path / "c", temperature=0))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_distil_two_causal_lms_into_one(tiny_llamas, tmp_path):
+    (tmp_path / "tokens.py").write_text(
+        "import torch\n\n"
+        "def data(split):\n"
+        "    seed = {'train': 0, 'val': 1, 'test': 2}[split]\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    ids = [torch.randint(3, 256, (4, 16), generator=g) for _ in range(2)]\n"
+        "    return [(x, x) for x in ids]\n"
+    )
+    raw = {
+        "models": {name: str(path) for name, path in tiny_llamas.items()},
+        "task": {
+            "model": "transformers",
+            "data": f"{tmp_path}/tokens.py:data",
+            "loss": "causal_lm",
+        },
+        "fuse": {
+            "method": "distill",
+            "models": ["math", "code"],  # the teacher; the student starts from base
+            "params": {"epochs": 3, "lr": 1e-5, "init": "base", "temperature": 1.0},
+        },
+        "save": {"path": str(tmp_path / "student"), "dtype": "float32"},
+    }
+    result = run(recipe_from_dict(raw))
+    history = json.loads((result.output / "merge_report.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert all(0 <= h["val_agreement"] <= 1 for h in history)
+    assert history[-1]["train_loss"] < history[1]["train_loss"]  # the KL to the teacher falls
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    student = merge_cli.load(result.output)  # config.json -> transformers
+    assert type(student).__name__ == "LlamaForCausalLM"
