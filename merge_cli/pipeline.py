@@ -145,6 +145,10 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
             assert method.fuse_model is not None
             merged = method.fuse_model(recipe, checkpoints, options)
             output = save_checkpoint(recipe, merged, checkpoints, options)
+        if recipe.align is not None and recipe.align.repair:
+            from merge_cli.align.stage import repair_output
+
+            output = repair_output(recipe, checkpoints, output, options)
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
         from merge_cli.evaluate.stage import evaluate_recipe
