@@ -150,7 +150,8 @@ def results(pairs: dict[bool, list[dict]]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| network | method | midpoint test loss | midpoint test acc | loss barrier (21 pts) | align s |",
+        "| network | method | midpoint test loss | midpoint test acc | loss barrier (21 pts) "
+        "| align s |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
