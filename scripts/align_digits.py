@@ -5,7 +5,7 @@ digits from different seeds, aligns the second of each pair to the first with ev
 alignment method, and prints test loss/accuracy at the midpoint of the linear path and the
 loss barrier along it (21 points), naive and aligned, with and without REPAIR.
 
-    python scripts/align_digits.py [--epochs 6]
+    python scripts/align_digits.py [--epochs 6] [--save examples/digits]
 
 The tests (tests/align/test_digits.py) import this module and assert on its numbers.
 """
@@ -167,9 +167,28 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--save", type=Path, help="also write mlp_a/mlp_b/bn_a/bn_b.safetensors here (recipes)"
+    )
     args = parser.parse_args()
     pairs = {batchnorm: train_pair(batchnorm, args.epochs) for batchnorm in (False, True)}
+    if args.save is not None:
+        save_pairs(pairs, args.save)
     print(table(results(pairs)))
+
+
+def save_pairs(pairs: dict[bool, list[dict]], directory: Path) -> dict[str, Path]:
+    """Write the trained pairs as safetensors files for recipes/align/*.yaml."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for batchnorm, states in pairs.items():
+        for name, state in zip("ab", states, strict=True):
+            key = f"{'bn' if batchnorm else 'mlp'}_{name}"
+            paths[key] = directory / f"{key}.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(paths[key]))
+    return paths
 
 
 if __name__ == "__main__":

@@ -56,14 +56,14 @@ def zip_matching(correlation: torch.Tensor, beta: float) -> tuple[torch.Tensor, 
     total = correlation.shape[0]
     n = total // 2
     rows, cols = torch.triu_indices(total, total, offset=1)
-    order = torch.argsort(correlation[rows, cols], descending=True)
-    used = torch.zeros(total, dtype=torch.bool)
+    order = torch.argsort(correlation[rows, cols], descending=True, stable=True)
+    candidates = list(zip(rows[order].tolist(), cols[order].tolist(), strict=True))
+    used = [False] * total
     pairs: list[tuple[int, int]] = []
     same_budget = int(beta * n)
     same = 0
     for relax in (False, True):  # the second pass completes the pairing if the budget blocked it
-        for index in order.tolist():
-            i, j = int(rows[index]), int(cols[index])
+        for i, j in candidates:
             if used[i] or used[j]:
                 continue
             is_same = (i < n) == (j < n)

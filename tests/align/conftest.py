@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 MODELS_FILE = HERE / "models.py"
@@ -43,12 +42,6 @@ def digits_pairs(align_digits) -> dict[bool, list[dict[str, torch.Tensor]]]:
 
 
 @pytest.fixture(scope="session")
-def digits_pair_files(tmp_path_factory, digits_pairs) -> dict[str, Path]:
+def digits_pair_files(tmp_path_factory, align_digits, digits_pairs) -> dict[str, Path]:
     """The trained pairs as safetensors files: mlp_a, mlp_b, bn_a, bn_b."""
-    root = tmp_path_factory.mktemp("digits_pairs")
-    paths = {}
-    for batchnorm, prefix in ((False, "mlp"), (True, "bn")):
-        for name, state in zip("ab", digits_pairs[batchnorm], strict=True):
-            paths[f"{prefix}_{name}"] = root / f"{prefix}_{name}.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(paths[f"{prefix}_{name}"]))
-    return paths
+    return align_digits.save_pairs(digits_pairs, tmp_path_factory.mktemp("digits_pairs"))
