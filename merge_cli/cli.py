@@ -119,7 +119,7 @@ def run(
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
     chunk_mb: Annotated[
         int, typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1)
-    ] = 32,
+    ] = 8,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe: load, (align), fuse, save, (evaluate)."""
@@ -480,7 +480,31 @@ def main_callback(
     """Deep model fusion from the command line."""
 
 
+def _tune_allocator() -> None:
+    """Keep freed tensor memory in the process for reuse (glibc only).
+
+    The executor allocates and frees same-sized chunk buffers for every tensor. By default
+    glibc returns allocations above 32 MB to the OS and maps them afresh each time, so every
+    chunk pays for page faults on new memory (measured: 2.7x slower merging). Raising the
+    mmap and trim thresholds lets freed chunks be reused; the peak resident set stays bounded
+    by the chunks in flight.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc; absent from musl
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 31)
+
+
 def main() -> None:
+    _tune_allocator()
     app(prog_name="merge-cli")
 
 
