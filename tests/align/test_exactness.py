@@ -20,8 +20,7 @@ from merge_cli.io import InMemoryCheckpoint, open_checkpoint
 from merge_cli.io.checkpoint import read_state_dict
 from merge_cli.recipe import TaskSpec
 from merge_cli.task import Task
-
-from .conftest import MODELS_FILE, REPO
+from tests.align.conftest import MODELS_FILE, REPO
 
 DIGITS = REPO / "recipes" / "tasks" / "digits.py"
 

@@ -9,9 +9,8 @@ import torch
 
 from merge_cli.connect.interpolate import interpolate_state_dicts
 from merge_cli.io.checkpoint import read_state_dict
-
-from ..conftest import load_safetensors_dir
-from .conftest import REPO
+from tests.align.conftest import REPO
+from tests.conftest import load_safetensors_dir
 
 RECIPES = sorted((REPO / "recipes" / "align").glob("*.yaml"))
 BATCHNORM = {"digits_activation_repair": True}
@@ -28,7 +27,9 @@ def _overrides(name, files, llamas):
 def test_example_recipe_runs(recipe, cli, tmp_path, monkeypatch, digits_pair_files, tiny_llamas,
                              align_digits):  # fmt: skip
     monkeypatch.chdir(REPO)
-    args = [a for o in _overrides(recipe.stem, digits_pair_files, tiny_llamas) for a in ("--set", o)]
+    args = [
+        a for o in _overrides(recipe.stem, digits_pair_files, tiny_llamas) for a in ("--set", o)
+    ]
     code, stdout, stderr = cli("run", recipe, *args, "--out", tmp_path / "out")
     assert code == 0, stderr
     assert "align done" in stderr
@@ -55,7 +56,9 @@ def test_pipeline_output_is_the_aligned_average(cli, tmp_path, monkeypatch, digi
     assert code == 0, stderr
     merged = load_safetensors_dir(tmp_path / "out")
     _, views = align_digits.aligned_views("weight_matching", digits_pairs[False], False)
-    expected = interpolate_state_dicts(read_state_dict(views["a"]), read_state_dict(views["b"]), 0.5)
+    expected = interpolate_state_dicts(
+        read_state_dict(views["a"]), read_state_dict(views["b"]), 0.5
+    )
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-6)
 
@@ -64,12 +67,12 @@ def test_pipeline_output_is_the_aligned_average(cli, tmp_path, monkeypatch, digi
     ("overrides", "message"),
     [
         (["align.params.max_itr=3"], "align.params.max_itr: Extra inputs are not permitted"),
-        (["align.method=zipit", "fuse.models.a.weight=0.3"], "zipit needs fuse: {method: linear}"),
-        (["align.method=activation_matching", "task.data=null"],
+        (["align.method=zipit", "align.params={}", "fuse.models.a.weight=0.3"], "zipit needs fuse: {method: linear}"),
+        (["align.method=activation_matching", "align.params={}", "task.data=null"],
          "align method 'activation_matching' needs task.model and task.data"),
         (["align.spec=nonexistent.yaml"], "align.spec: 'nonexistent.yaml' is neither a built-in"),
         (["align.repair=true", "task.data=null"], "align repair needs task.model and task.data"),
-        (["align.method=zipit", "align.repair=true"], "align.repair: not supported with zipit"),
+        (["align.method=zipit", "align.params={}", "align.repair=true"], "align.repair: not supported with zipit"),
     ],
 )  # fmt: skip
 def test_recipe_checks(cli, monkeypatch, tmp_path, overrides, message):

@@ -10,8 +10,7 @@ from merge_cli.connect.interpolate import interpolate_state_dicts
 from merge_cli.io import InMemoryCheckpoint
 from merge_cli.recipe import TaskSpec
 from merge_cli.task import Task
-
-from .conftest import REPO
+from tests.align.conftest import REPO
 
 DIGITS = REPO / "recipes" / "tasks" / "digits.py"
 
@@ -48,9 +47,13 @@ def test_repair_matches_interpolated_statistics(digits_task, digits_pairs):
     before = _pre_activations(digits_task, merged)
     for layer in ("layers.0", "layers.2", "layers.4"):
         target_mean = sum(w * e[layer].mean(0) for w, e in zip(weights, ends, strict=True))
-        target_std = sum(w * e[layer].std(0, unbiased=False) for w, e in zip(weights, ends, strict=True))
+        target_std = sum(
+            w * e[layer].std(0, unbiased=False) for w, e in zip(weights, ends, strict=True)
+        )
         torch.testing.assert_close(after[layer].mean(0), target_mean, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(after[layer].std(0, unbiased=False), target_std, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(
+            after[layer].std(0, unbiased=False), target_std, atol=1e-4, rtol=1e-3
+        )
         # the collapse REPAIR undoes: the naive average has smaller unit variance
         assert before[layer].std(0).mean() < target_std.mean()
     assert torch.equal(repaired["layers.6.weight"], merged["layers.6.weight"])

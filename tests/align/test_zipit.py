@@ -13,8 +13,7 @@ from merge_cli.io import InMemoryCheckpoint
 from merge_cli.io.checkpoint import read_state_dict
 from merge_cli.recipe import TaskSpec
 from merge_cli.task import Task
-
-from .conftest import REPO
+from tests.align.conftest import REPO
 
 DIGITS = REPO / "recipes" / "tasks" / "digits.py"
 
