@@ -67,12 +67,14 @@ def test_pipeline_output_is_the_aligned_average(cli, tmp_path, monkeypatch, digi
     ("overrides", "message"),
     [
         (["align.params.max_itr=3"], "align.params.max_itr: Extra inputs are not permitted"),
-        (["align.method=zipit", "align.params={}", "fuse.models.a.weight=0.3"], "zipit needs fuse: {method: linear}"),
+        (["align.method=zipit", "align.params={}", "fuse.models.a.weight=0.3"],
+         "zipit needs fuse: {method: linear}"),
         (["align.method=activation_matching", "align.params={}", "task.data=null"],
          "align method 'activation_matching' needs task.model and task.data"),
         (["align.spec=nonexistent.yaml"], "align.spec: 'nonexistent.yaml' is neither a built-in"),
         (["align.repair=true", "task.data=null"], "align repair needs task.model and task.data"),
-        (["align.method=zipit", "align.params={}", "align.repair=true"], "align.repair: not supported with zipit"),
+        (["align.method=zipit", "align.params={}", "align.repair=true"],
+         "align.repair: not supported with zipit"),
     ],
 )  # fmt: skip
 def test_recipe_checks(cli, monkeypatch, tmp_path, overrides, message):
