@@ -16,7 +16,8 @@ from scipy.optimize import linear_sum_assignment
 
 def solve_assignment(similarity: torch.Tensor) -> torch.Tensor:
     """The permutation maximising ``sum_i similarity[i, perm[i]]``."""
-    rows, cols = linear_sum_assignment(similarity.double().cpu().numpy(), maximize=True)
+    cost = similarity.cpu().to(torch.float64, copy=True).neg_()  # one float64 copy, no more
+    rows, cols = linear_sum_assignment(cost.numpy())
     perm = np.empty(len(rows), dtype=np.int64)
     perm[rows] = cols
     return torch.from_numpy(perm)

@@ -43,12 +43,12 @@ def group_similarity(
 ) -> torch.Tensor:
     """``S[i, j]``: inner product of reference unit i and model unit j over the group's axes,
     with every other axis of each tensor already mapped by the current ``maps``."""
-    similarity = torch.zeros(group.size, group.size, dtype=torch.float64)
+    similarity = torch.zeros(group.size, group.size)
     for axis in group.axes:
         other = apply_maps(axis.tensor, model[axis.tensor], axes_of[axis.tensor], maps, axis.axis)
         a = reference[axis.tensor].movedim(axis.axis, 0).reshape(group.size, -1)
         b = other.movedim(axis.axis, 0).reshape(group.size, -1)
-        similarity += (a @ b.T).double()
+        similarity.addmm_(a, b.T)
     return similarity
 
 
