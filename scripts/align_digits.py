@@ -120,8 +120,16 @@ def results(pairs: dict[bool, list[dict]]) -> list[dict]:
             loss, acc = test_metrics(state, batchnorm)
             rows.append(dict(network=network, method=f"endpoint {name}", loss=loss, acc=acc))
         barrier, metrics = path_barrier(states[0], states[1], batchnorm)
-        rows.append(dict(network=network, method="naive average", loss=metrics[10][0],
-                         acc=metrics[10][1], barrier=barrier))  # fmt: skip
+        rows.append(
+            dict(
+                network=network,
+                method="naive average",
+                loss=metrics[10][0],
+                acc=metrics[10][1],
+                barrier=barrier,
+                end_loss=metrics[-1][0],
+            )
+        )
         methods = ["weight_matching", "activation_matching"]
         if not batchnorm:
             methods += ["sinkhorn", "zipit"]
@@ -137,12 +145,24 @@ def results(pairs: dict[bool, list[dict]]) -> list[dict]:
                 )
                 continue
             barrier, metrics = path_barrier(a, b, batchnorm)
-            rows.append(dict(network=network, method=method, loss=metrics[10][0],
-                             acc=metrics[10][1], barrier=barrier, seconds=seconds))  # fmt: skip
+            rows.append(
+                dict(
+                    network=network,
+                    method=method,
+                    loss=metrics[10][0],
+                    acc=metrics[10][1],
+                    barrier=barrier,
+                    seconds=seconds,
+                    end_loss=metrics[-1][0],
+                )
+            )
             repaired = repair_state_dict(
-                task(batchnorm), spec, interpolate_state_dicts(a, b, 0.5), [views["a"], views["b"]],
+                task(batchnorm),
+                spec,
+                interpolate_state_dicts(a, b, 0.5),
+                [views["a"], views["b"]],
                 [1.0, 1.0],
-            )  # fmt: skip
+            )
             loss, acc = test_metrics(repaired, batchnorm)
             rows.append(dict(network=network, method=f"{method} + REPAIR", loss=loss, acc=acc))
     return rows
@@ -151,15 +171,16 @@ def results(pairs: dict[bool, list[dict]]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = [
         "| network | method | midpoint test loss | midpoint test acc | loss barrier (21 pts) "
-        "| align s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| loss of b at t=1 | align s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         barrier = f"{row['barrier']:.3f}" if "barrier" in row else ""
+        end = f"{row['end_loss']:.3f}" if "end_loss" in row else ""
         seconds = f"{row['seconds']:.2f}" if "seconds" in row else ""
         lines.append(
             f"| {row['network']} | {row['method']} | {row['loss']:.3f} | {row['acc']:.3f} | "
-            f"{barrier} | {seconds} |"
+            f"{barrier} | {end} | {seconds} |"
         )
     return "\n".join(lines)
 

@@ -81,8 +81,9 @@ def generate(root: Path, layers: int, noise: float, seed: int = 0) -> tuple[Path
             spec = llama_spec(InMemoryCheckpoint(state), config)
             other = permute_state_dict(state, spec, random_permutations(spec, seed=index))
             other = {
-                k: (v.float() + noise * v.float().std() * torch.randn(v.shape, generator=generator))
-                .to(torch.bfloat16)
+                k: (
+                    v.float() + noise * v.float().std() * torch.randn(v.shape, generator=generator)
+                ).to(torch.bfloat16)
                 for k, v in other.items()
             }
         else:
@@ -105,8 +106,16 @@ def generate(root: Path, layers: int, noise: float, seed: int = 0) -> tuple[Path
 def timed_run(recipe: dict, root: Path, name: str) -> dict:
     path = root / f"{name}.json"
     path.write_text(json.dumps(recipe))
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "merge_cli", "run", str(path),
-               "--overwrite"]  # fmt: skip
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "merge_cli",
+        "run",
+        str(path),
+        "--overwrite",
+    ]
     env = dict(os.environ, COLUMNS="500")  # one line per note from the rich console
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -134,8 +143,9 @@ def main() -> None:
             "save": {"path": str(out), "dtype": "bfloat16", "model_card": False},
         }
         rows = [timed_run(recipe, args.root, "linear (no align)")]
-        aligned = dict(recipe, align={"method": "weight_matching", "reference": "ref",
-                                      "spec": "llama"})  # fmt: skip
+        aligned = dict(
+            recipe, align={"method": "weight_matching", "reference": "ref", "spec": "llama"}
+        )
         rows.append(timed_run(aligned, args.root, "weight_matching + linear"))
         merged, ref = open_checkpoint(str(out)), open_checkpoint(str(reference))
         name = "model.layers.0.mlp.gate_proj.weight"
@@ -145,11 +155,18 @@ def main() -> None:
         for row in rows:
             solver = sum(float(s) for s, _ in row["solver"])
             total = sum(float(t) for _, t in row["solver"])
-            print(f"{row['name']}: peak RSS {row['peak_rss_mb']:.0f} MB, wall {row['wall']}"
-                  + (f", solver {solver:.1f} s (align incl. reads {total:.1f} s)"
-                     if row["solver"] else ""))  # fmt: skip
-        print(f"aligned average vs reference, {name}: mean |diff| {distance:.5f} "
-              f"(mean |w| {scale:.5f})")  # fmt: skip
+            print(
+                f"{row['name']}: peak RSS {row['peak_rss_mb']:.0f} MB, wall {row['wall']}"
+                + (
+                    f", solver {solver:.1f} s (align incl. reads {total:.1f} s)"
+                    if row["solver"]
+                    else ""
+                )
+            )
+        print(
+            f"aligned average vs reference, {name}: mean |diff| {distance:.5f} "
+            f"(mean |w| {scale:.5f})"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)

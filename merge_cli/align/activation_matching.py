@@ -37,9 +37,12 @@ def cross_correlation(
     """Per group, ``C[i, j]`` = correlation of reference unit i and model unit j."""
     assert context.task is not None
     moments = feature_moments(
-        [reference, model], list(spec.groups), context.task.data("train"), max_batches,
+        [reference, model],
+        list(spec.groups),
+        context.task.data("train"),
+        max_batches,
         device=context.device,
-    )  # fmt: skip
+    )
     out = {}
     for group in spec.groups:
         correlation = moments[group.name].correlation()

@@ -93,9 +93,12 @@ def sinkhorn(
                 for c in (checkpoints[reference], checkpoint)
             ]
             moments = feature_moments(
-                models, list(spec.groups), context.task.data("train"), params.max_batches,
+                models,
+                list(spec.groups),
+                context.task.data("train"),
+                params.max_batches,
                 device=context.device,
-            )  # fmt: skip
+            )
             for group in spec.groups:
                 correlation = moments[group.name].correlation()[: group.size, group.size :]
                 matrix = transport_map(1 - correlation, params.reg, params.max_iter)

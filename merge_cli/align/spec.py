@@ -177,9 +177,10 @@ def load_spec_file(path: str | Path, checkpoint: Checkpoint) -> PermutationSpec:
         shape = checkpoint.info(first.tensor).shape
         size = item.size or shape[first.axis] // first.block
         groups.append(
-            Group(item.name, size, axes, item.within, tuple(item.sites), item.site_dim,
-                  item.producer)
-        )  # fmt: skip
+            Group(
+                item.name, size, axes, item.within, tuple(item.sites), item.site_dim, item.producer
+            )
+        )
     spec = PermutationSpec(tuple(groups), name=Path(path).stem)
     validate_spec(spec, checkpoint, source)
     return spec
@@ -287,8 +288,11 @@ def resnet_spec(checkpoint: Checkpoint) -> PermutationSpec:
     names = set(checkpoint.tensor_names())
 
     def module_axes(module: str) -> list[AxisRef]:
-        return [AxisRef(f"{module}.{p}", 0) for p in ("weight", "bias", "running_mean",
-                "running_var") if f"{module}.{p}" in names]  # fmt: skip
+        return [
+            AxisRef(f"{module}.{p}", 0)
+            for p in ("weight", "bias", "running_mean", "running_var")
+            if f"{module}.{p}" in names
+        ]
 
     if "conv1.weight" not in names or "fc.weight" not in names:
         raise PlanError(f"{checkpoint.source}: not a torchvision-style ResNet (conv1, fc)")
@@ -371,8 +375,9 @@ def llama_spec(checkpoint: Checkpoint, config: dict | None = None) -> Permutatio
             AxisRef(f"{mlp}down_proj.weight", 1, 1, "in")
         ]
         size = checkpoint.info(f"{mlp}gate_proj.weight").shape[0]
-        groups.append(Group(f"{prefix}mlp", size, tuple(axes), None,
-                            (f"{mlp}down_proj:input",), -1))  # fmt: skip
+        groups.append(
+            Group(f"{prefix}mlp", size, tuple(axes), None, (f"{mlp}down_proj:input",), -1)
+        )
         kv = [
             AxisRef(f"{attn}{p}_proj.{k}", 0, head_dim)
             for p in ("k", "v")

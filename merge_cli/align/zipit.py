@@ -102,9 +102,12 @@ def zipit(
     names = [reference, *(n for n in checkpoints if n != reference)]
     models = [context.task.load_model(checkpoints[n], context.device) for n in names]
     moments = feature_moments(
-        models, list(spec.groups), context.task.data("train"), params.max_batches,
+        models,
+        list(spec.groups),
+        context.task.data("train"),
+        params.max_batches,
         device=context.device,
-    )  # fmt: skip
+    )
     started = time.perf_counter()
     maps: dict[str, dict[str, UnitMap]] = {n: {} for n in names}
     same_pairs = 0

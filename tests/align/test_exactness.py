@@ -40,7 +40,7 @@ def _networks(digits_task, test_models):
                 data=f"{DIGITS}:data",
                 params={"hidden": 32, "batchnorm": True},
             ),
-        ),  # fmt: skip
+        ),
         "cnn": (
             test_models.randomize_norms(test_models.build_cnn()),
             "cnn",
@@ -104,8 +104,12 @@ def test_llama_with_grouped_kv_heads_is_aligned_back_exactly(tmp_path, tiny_llam
     assert torch.equal(views["other"].read(q, (10, 37)), state[q][10:37])
     # data-driven methods need an activation site on every group
     with pytest.raises(PlanError, match="no activation site"):
-        _align("activation_matching", checkpoints, spec,
-               TaskSpec(model="transformers", data=f"{DIGITS}:data"))  # fmt: skip
+        _align(
+            "activation_matching",
+            checkpoints,
+            spec,
+            TaskSpec(model="transformers", data=f"{DIGITS}:data"),
+        )
 
 
 def test_sinkhorn_with_small_regularisation_recovers_the_permutation(digits_task, test_models):

@@ -32,8 +32,11 @@ def setup():
         "down.weight": torch.randn(7, 12),
         "other": torch.randn(3),
     }
-    group = Group("g", 4, (AxisRef("up.weight", 0, 3), AxisRef("up.bias", 0, 3),
-                           AxisRef("down.weight", 1, 3, "in")))  # fmt: skip
+    group = Group(
+        "g",
+        4,
+        (AxisRef("up.weight", 0, 3), AxisRef("up.bias", 0, 3), AxisRef("down.weight", 1, 3, "in")),
+    )
     return state, PermutationSpec((group,))
 
 

@@ -24,8 +24,9 @@ def _overrides(name, files, llamas):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_example_recipe_runs(recipe, cli, tmp_path, monkeypatch, digits_pair_files, tiny_llamas,
-                             align_digits):  # fmt: skip
+def test_example_recipe_runs(
+    recipe, cli, tmp_path, monkeypatch, digits_pair_files, tiny_llamas, align_digits
+):
     monkeypatch.chdir(REPO)
     args = [
         a for o in _overrides(recipe.stem, digits_pair_files, tiny_llamas) for a in ("--set", o)
@@ -44,15 +45,25 @@ def test_example_recipe_runs(recipe, cli, tmp_path, monkeypatch, digits_pair_fil
     assert accuracy > 0.88, (loss, accuracy)
 
 
-def test_pipeline_output_is_the_aligned_average(cli, tmp_path, monkeypatch, digits_pair_files,
-                                                digits_pairs, align_digits):  # fmt: skip
+def test_pipeline_output_is_the_aligned_average(
+    cli, tmp_path, monkeypatch, digits_pair_files, digits_pairs, align_digits
+):
     """align + linear through the CLI (small chunks: row reads of the permuted view) equals
     the average of the reference and the aligned model computed through the API."""
     monkeypatch.chdir(REPO)
     recipe = REPO / "recipes" / "align" / "digits_weight_matching.yaml"
     args = [a for o in _overrides("x", digits_pair_files, None) for a in ("--set", o)]
-    code, _, stderr = cli("run", recipe, *args, "--out", tmp_path / "out", "--chunk-mb", "1",
-                          "--set", "align.spec=mlp")  # fmt: skip
+    code, _, stderr = cli(
+        "run",
+        recipe,
+        *args,
+        "--out",
+        tmp_path / "out",
+        "--chunk-mb",
+        "1",
+        "--set",
+        "align.spec=mlp",
+    )
     assert code == 0, stderr
     merged = load_safetensors_dir(tmp_path / "out")
     _, views = align_digits.aligned_views("weight_matching", digits_pairs[False], False)
@@ -67,16 +78,22 @@ def test_pipeline_output_is_the_aligned_average(cli, tmp_path, monkeypatch, digi
     ("overrides", "message"),
     [
         (["align.params.max_itr=3"], "align.params.max_itr: Extra inputs are not permitted"),
-        (["align.method=zipit", "align.params={}", "fuse.models.a.weight=0.3"],
-         "zipit needs fuse: {method: linear}"),
-        (["align.method=activation_matching", "align.params={}", "task.data=null"],
-         "align method 'activation_matching' needs task.model and task.data"),
+        (
+            ["align.method=zipit", "align.params={}", "fuse.models.a.weight=0.3"],
+            "zipit needs fuse: {method: linear}",
+        ),
+        (
+            ["align.method=activation_matching", "align.params={}", "task.data=null"],
+            "align method 'activation_matching' needs task.model and task.data",
+        ),
         (["align.spec=nonexistent.yaml"], "align.spec: 'nonexistent.yaml' is neither a built-in"),
         (["align.repair=true", "task.data=null"], "align repair needs task.model and task.data"),
-        (["align.method=zipit", "align.params={}", "align.repair=true"],
-         "align.repair: not supported with zipit"),
+        (
+            ["align.method=zipit", "align.params={}", "align.repair=true"],
+            "align.repair: not supported with zipit",
+        ),
     ],
-)  # fmt: skip
+)
 def test_recipe_checks(cli, monkeypatch, tmp_path, overrides, message):
     monkeypatch.chdir(REPO)
     recipe = REPO / "recipes" / "align" / "digits_weight_matching.yaml"

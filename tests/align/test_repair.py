@@ -16,8 +16,11 @@ DIGITS = REPO / "recipes" / "tasks" / "digits.py"
 
 
 def _task(batchnorm: bool) -> Task:
-    return Task(TaskSpec(model=f"{DIGITS}:build_mlp", data=f"{DIGITS}:data",
-                         params={"batchnorm": batchnorm}))  # fmt: skip
+    return Task(
+        TaskSpec(
+            model=f"{DIGITS}:build_mlp", data=f"{DIGITS}:data", params={"batchnorm": batchnorm}
+        )
+    )
 
 
 @torch.no_grad()

@@ -72,8 +72,13 @@ def test_resnet_spec_shares_the_residual_stream(models):
     streams = [g for g in spec.groups if g.name.startswith("stream")]
     assert [g.size for g in streams] == [8, 16]
     stream0 = {a.tensor for a in streams[0].axes}
-    assert {"conv1.weight", "layer1.0.conv2.weight", "layer1.1.bn2.running_var",
-            "layer2.0.conv1.weight", "layer2.0.downsample.0.weight"} <= stream0  # fmt: skip
+    assert {
+        "conv1.weight",
+        "layer1.0.conv2.weight",
+        "layer1.1.bn2.running_var",
+        "layer2.0.conv1.weight",
+        "layer2.0.downsample.0.weight",
+    } <= stream0
     assert "fc.weight" in {a.tensor for a in streams[1].axes}
     assert len(spec.groups) == 2 + 4  # two streams, one inner group per block
     for seed in range(3):
@@ -131,12 +136,17 @@ def test_spec_file_round_trip_and_errors(tmp_path, models):
     model, example = models["mlp"]
     checkpoint = InMemoryCheckpoint(model.state_dict())
     groups = [
-        {"name": f"h{i}", "sites": [f"layers.{2 * i}"],
-         "axes": [{"tensor": f"layers.{2 * i}.weight", "axis": 0},
-                  {"tensor": f"layers.{2 * i}.bias", "axis": 0},
-                  {"tensor": f"layers.{2 * i + 2}.weight", "axis": 1}]}
+        {
+            "name": f"h{i}",
+            "sites": [f"layers.{2 * i}"],
+            "axes": [
+                {"tensor": f"layers.{2 * i}.weight", "axis": 0},
+                {"tensor": f"layers.{2 * i}.bias", "axis": 0},
+                {"tensor": f"layers.{2 * i + 2}.weight", "axis": 1},
+            ],
+        }
         for i in range(3)
-    ]  # fmt: skip
+    ]
     path = tmp_path / "mlp.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}))
     spec = load_spec_file(path, checkpoint)

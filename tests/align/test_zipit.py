@@ -49,8 +49,11 @@ def test_views_average_to_the_zipped_network(digits_task):
     states = [m.state_dict() for m in models]
     checkpoints = {"a": InMemoryCheckpoint(states[0]), "b": InMemoryCheckpoint(states[1])}
     spec = chain_spec(checkpoints["a"])
-    task = Task(TaskSpec(model=f"{DIGITS}:build_mlp", data=f"{DIGITS}:data",
-                         params={"hidden": 16, "depth": 2}))  # fmt: skip
+    task = Task(
+        TaskSpec(
+            model=f"{DIGITS}:build_mlp", data=f"{DIGITS}:data", params={"hidden": 16, "depth": 2}
+        )
+    )
     aligner = ALIGNERS["zipit"]
     maps = aligner.align(
         checkpoints, "a", spec, aligner.params(beta=1.0), AlignContext(task, print)
@@ -59,10 +62,14 @@ def test_views_average_to_the_zipped_network(digits_task):
         n: read_state_dict(PermutedCheckpoint(c, spec, maps[n])) for n, c in checkpoints.items()
     }
     zipped = {k: (views["a"][k] + views["b"][k]) / 2 for k in states[0]}
-    m = {g.name: torch.cat([maps["a"][g.name].out_matrix, maps["b"][g.name].out_matrix], 1) / 2
-         for g in spec.groups}  # fmt: skip
-    u = {g.name: torch.cat([maps["a"][g.name].in_matrix, maps["b"][g.name].in_matrix], 1).T
-         for g in spec.groups}  # fmt: skip
+    m = {
+        g.name: torch.cat([maps["a"][g.name].out_matrix, maps["b"][g.name].out_matrix], 1) / 2
+        for g in spec.groups
+    }
+    u = {
+        g.name: torch.cat([maps["a"][g.name].in_matrix, maps["b"][g.name].in_matrix], 1).T
+        for g in spec.groups
+    }
     for merge in m.values():
         assert sorted(set(merge.flatten().tolist())) == [0.0, 0.5]
         assert torch.equal((merge > 0).sum(1), torch.full((16,), 2))
