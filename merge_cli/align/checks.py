@@ -43,9 +43,7 @@ def check_align(recipe: Recipe) -> list[str]:
     if wants_data and (task is None or task.model is None or task.data is None):
         what = f"method {spec.method!r}" if aligner.needs_data(params) else "repair"
         problems.append(f"task: align {what} needs task.model and task.data")
-    if spec.spec == "auto" and (task is None or task.model is None):
-        pass  # auto falls back to config.json (llama) at run time; it says so if it cannot
-    elif spec.spec not in SPEC_NAMES and not Path(spec.spec).is_file():
+    if spec.spec not in SPEC_NAMES and not Path(spec.spec).is_file():
         problems.append(
             f"align.spec: {spec.spec!r} is neither a built-in spec ({', '.join(SPEC_NAMES)}) "
             "nor an existing spec file"
