@@ -20,6 +20,7 @@ from torch import nn
 
 from merge_cli.align.spec import Group
 from merge_cli.errors import PlanError
+from merge_cli.task import model_outputs
 
 
 @dataclass
@@ -101,7 +102,7 @@ def feature_moments(
     try:
         for inputs, _targets in islice(batches, max_batches):
             for model in models:
-                model(inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs)
+                model_outputs(model, inputs, device)
             for group in groups:
                 z = torch.cat(
                     [torch.cat(stores[m, group.name]) for m in range(len(models))], dim=1

@@ -18,34 +18,15 @@ corrected tensors, and the pipeline saves them in place of the uncorrected outpu
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import islice
 
 import torch
-from torch import nn
 
 from merge_cli.align.activations import Moments, feature_moments
 from merge_cli.align.spec import PermutationSpec
+from merge_cli.connect.batchnorm import recompute_batchnorm
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.task import Task
-
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-@torch.no_grad()
-def reset_batchnorm_statistics(model: nn.Module, task: Task, max_batches: int | None) -> int:
-    """Recompute every BatchNorm's running mean/var on ``task``'s train data (exact averages)."""
-    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
-    if not norms:
-        return 0
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average: the exact mean over batches
-    model.train()
-    for i, (inputs, _targets) in enumerate(task.data("train")):
-        if max_batches is not None and i >= max_batches:
-            break
-        model(inputs)
-    model.eval()
-    return len(norms)
 
 
 @torch.no_grad()
@@ -61,7 +42,7 @@ def repair_state_dict(
     model = task.build_model()
     model.load_state_dict(merged)
     model.eval()
-    reset_batchnorm_statistics(model, task, max_batches)
+    recompute_batchnorm(model, islice(task.data("train"), max_batches), "cpu")
     groups = [replace(g, sites=(g.producer,)) for g in spec.groups if g.producer is not None]
     if groups:
         ends = [task.load_model(checkpoint) for checkpoint in endpoints]
