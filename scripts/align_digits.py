@@ -26,6 +26,7 @@ from merge_cli.align.context import AlignContext
 from merge_cli.align.permuted import PermutedCheckpoint
 from merge_cli.align.repair import repair_state_dict
 from merge_cli.align.spec import chain_spec
+from merge_cli.align.zipit import partial_zip
 from merge_cli.connect.interpolate import interpolate_state_dicts, loss_barrier
 from merge_cli.io.checkpoint import InMemoryCheckpoint, read_state_dict
 from merge_cli.recipe import TaskSpec
@@ -143,6 +144,7 @@ def results(pairs: dict[bool, list[dict]]) -> list[dict]:
                 rows.append(
                     dict(network=network, method=method, loss=loss, acc=acc, seconds=seconds)
                 )
+                rows += partial_zip_rows(network, states, batchnorm, spec, views)
                 continue
             barrier, metrics = path_barrier(a, b, batchnorm)
             rows.append(
@@ -166,6 +168,28 @@ def results(pairs: dict[bool, list[dict]]) -> list[dict]:
             loss, acc = test_metrics(repaired, batchnorm)
             rows.append(dict(network=network, method=f"{method} + REPAIR", loss=loss, acc=acc))
     return rows
+
+
+def partial_zip_rows(network, states, batchnorm, spec, views) -> list[dict]:
+    """ZipIt! zipping only the first k hidden layers (multi-head models), k = 0 .. all - 1."""
+    checkpoints = {"a": InMemoryCheckpoint(states[0]), "b": InMemoryCheckpoint(states[1])}
+    maps = {name: view.maps for name, view in views.items()}
+    rows = []
+    for zipped in range(len(spec.groups)):
+        model = partial_zip(task(batchnorm), checkpoints, "a", spec, maps, zipped)
+        loss, acc = model_metrics(model)
+        label = "ensemble of a, b" if zipped == 0 else f"zipit, first {zipped} layer(s) zipped"
+        rows.append(dict(network=network, method=label, loss=loss, acc=acc))
+    return rows
+
+
+@torch.no_grad()
+def model_metrics(model: torch.nn.Module) -> tuple[float, float]:
+    images, labels = DIGITS.split_arrays("test")
+    logits = model(images)
+    return float(F.cross_entropy(logits, labels)), float(
+        (logits.argmax(-1) == labels).float().mean()
+    )
 
 
 def table(rows: list[dict]) -> str:

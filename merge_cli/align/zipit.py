@@ -16,8 +16,10 @@ uniform ``linear`` average *is* the zipped model, and the fuse step streams as u
 views are not meaningful models on their own, which is why the recipe check requires
 ``fuse: {method: linear}`` with equal weights over exactly these two models.
 
-Partial zipping (the paper's multi-head models, zipping only up to a layer) changes the
-architecture, so it is not offered: every group is zipped.
+Partial zipping (the paper's Sec. 4.3: zip only the first groups, keep each model's later
+layers as its own head) changes the architecture, so it is not a pipeline option: the
+pipeline zips every group. :func:`partial_zip` builds the multi-head model in Python
+(:class:`PartialZip`) for evaluation; ``scripts/align_digits.py`` reports it.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_cli.align.activations import feature_moments
 from merge_cli.align.context import AlignContext
-from merge_cli.align.permuted import UnitMap
+from merge_cli.align.permuted import PermutedCheckpoint, UnitMap
 from merge_cli.align.spec import PermutationSpec
 from merge_cli.errors import PlanError
-from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.checkpoint import Checkpoint, read_state_dict
+from merge_cli.task import Task, model_outputs
 
 
 class ZipItParams(BaseModel):
@@ -125,3 +128,84 @@ def zipit(
         f"pairs, solver {time.perf_counter() - started:.2f} s"
     )
     return maps
+
+
+class PartialZip(torch.nn.Module):
+    """A partially zipped multi-head model: a shared zipped trunk, one head per model.
+
+    The trunk (the zipped network) runs up to ``boundary``, the site of the last zipped
+    group; each head is its model with the trunk's features substituted at that site, and
+    its first unzipped layer reading them through the unmerge matrix. Outputs are averaged.
+    """
+
+    def __init__(self, trunk: torch.nn.Module, heads: list[torch.nn.Module], boundary: str):
+        super().__init__()
+        self.trunk = trunk
+        self.heads = torch.nn.ModuleList(heads)
+        self.boundary = boundary
+
+    def forward(self, inputs: object) -> torch.Tensor:
+        features: list[torch.Tensor] = []
+        keep = self.trunk.get_submodule(self.boundary).register_forward_hook(
+            lambda _m, _a, out: features.append(out)
+        )
+        try:
+            model_outputs(self.trunk, inputs)
+        finally:
+            keep.remove()
+        outputs = []
+        for head in self.heads:
+            swap = head.get_submodule(self.boundary).register_forward_hook(
+                lambda _m, _a, _out: features[0]
+            )
+            try:
+                outputs.append(model_outputs(head, inputs))
+            finally:
+                swap.remove()
+        return torch.stack(outputs).mean(0)
+
+
+def partial_zip(
+    task: Task,
+    checkpoints: dict[str, Checkpoint],
+    reference: str,
+    spec: PermutationSpec,
+    maps: dict[str, dict[str, UnitMap]],
+    zipped_groups: int,
+) -> torch.nn.Module:
+    """Zip the first ``zipped_groups`` groups of ``spec`` (in forward order) with ZipIt!'s
+    ``maps`` and keep the rest per model. All groups zipped gives the zipped model itself
+    (one head suffices); none gives the models' output ensemble."""
+    names = [reference, *(n for n in checkpoints if n != reference)]
+    zipped = {g.name for g in spec.groups[:zipped_groups]}
+    views = {
+        n: read_state_dict(
+            PermutedCheckpoint(
+                checkpoints[n], spec, {g: m for g, m in maps[n].items() if g in zipped}
+            )
+        )
+        for n in names
+    }
+    trunk_state = {k: sum(views[n][k] for n in names) / len(names) for k in views[reference]}
+    trunk = task.build_model()
+    trunk.load_state_dict(trunk_state)
+    if zipped_groups == len(spec.groups):
+        return trunk.eval()
+    heads = []
+    for name in names:
+        head = task.build_model()
+        head.load_state_dict(views[name])
+        heads.append(head.eval())
+    if zipped_groups == 0:
+        return _Ensemble(heads)
+    boundary = spec.groups[zipped_groups - 1].sites[-1]
+    return PartialZip(trunk.eval(), heads, boundary).eval()
+
+
+class _Ensemble(torch.nn.Module):
+    def __init__(self, models: list[torch.nn.Module]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, inputs: object) -> torch.Tensor:
+        return torch.stack([model_outputs(m, inputs) for m in self.models]).mean(0)

@@ -40,3 +40,12 @@ def test_repair_improves_the_aligned_midpoint(rows, method):
     assert rows["BN-MLP", f"{method} + REPAIR"]["loss"] < rows["BN-MLP", method]["loss"] * 0.8 or (
         rows["BN-MLP", f"{method} + REPAIR"]["acc"] >= 0.95
     )
+
+
+def test_partial_zip_rows_span_ensemble_to_full_zip(rows):
+    partial = [rows["MLP", f"zipit, first {k} layer(s) zipped"] for k in (1, 2)]
+    ensemble = rows["MLP", "ensemble of a, b"]
+    for row in (ensemble, *partial):
+        assert row["acc"] > rows["MLP", "naive average"]["acc"] + 0.2
+    # zipping fewer layers keeps more of each model: never worse than the full zip by much
+    assert partial[0]["loss"] <= rows["MLP", "zipit"]["loss"] + 0.05

@@ -82,3 +82,44 @@ def test_views_average_to_the_zipped_network(digits_task):
     # last layer: outputs are averaged, inputs unmerged
     w4 = torch.cat([states[0]["layers.4.weight"], states[1]["layers.4.weight"]], 1) / 2
     torch.testing.assert_close(zipped["layers.4.weight"], w4 @ u["layers.2"])
+
+
+def test_partial_zip_is_a_multi_head_model(digits_task):
+    """Zip the first hidden layer only: shared zipped trunk, per-model heads reading the
+    unmerged features, outputs averaged; all groups: the zipped model; none: the ensemble."""
+    from merge_cli.align.zipit import partial_zip
+
+    torch.manual_seed(1)
+    models = [digits_task.build_mlp(16, 2) for _ in range(2)]
+    states = [m.state_dict() for m in models]
+    checkpoints = {"a": InMemoryCheckpoint(states[0]), "b": InMemoryCheckpoint(states[1])}
+    spec = chain_spec(checkpoints["a"])
+    task = Task(
+        TaskSpec(
+            model=f"{DIGITS}:build_mlp", data=f"{DIGITS}:data", params={"hidden": 16, "depth": 2}
+        )
+    )
+    aligner = ALIGNERS["zipit"]
+    maps = aligner.align(checkpoints, "a", spec, aligner.params(), AlignContext(task, print))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ensemble = partial_zip(task, checkpoints, "a", spec, maps, 0)(x)
+        torch.testing.assert_close(ensemble, (models[0](x) + models[1](x)) / 2)
+        full = partial_zip(task, checkpoints, "a", spec, maps, 2)(x)
+        views = [read_state_dict(PermutedCheckpoint(checkpoints[n], spec, maps[n])) for n in "ab"]
+        zipped = digits_task.build_mlp(16, 2)
+        zipped.load_state_dict({k: (views[0][k] + views[1][k]) / 2 for k in states[0]})
+        torch.testing.assert_close(full, zipped(x))
+        half = partial_zip(task, checkpoints, "a", spec, maps, 1)(x)
+        g = spec.groups[0].name
+        merge = torch.cat([maps["a"][g].out_matrix, maps["b"][g].out_matrix], 1) / 2
+        w0 = torch.cat([states[0]["layers.0.weight"], states[1]["layers.0.weight"]])
+        b0 = torch.cat([states[0]["layers.0.bias"], states[1]["layers.0.bias"]])
+        h = torch.relu(x @ (merge @ w0).T + merge @ b0)
+        outputs = []
+        for m, name in enumerate("ab"):
+            s = states[m]
+            unmerged = h @ maps[name][g].in_matrix  # U_m h for every sample
+            hidden = torch.relu(unmerged @ s["layers.2.weight"].T + s["layers.2.bias"])
+            outputs.append(hidden @ s["layers.4.weight"].T + s["layers.4.bias"])
+        torch.testing.assert_close(half, (outputs[0] + outputs[1]) / 2)
