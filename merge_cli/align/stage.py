@@ -38,13 +38,17 @@ _LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 def resolve_spec(name: str, checkpoint: Checkpoint, task: Task | None) -> PermutationSpec:
     """A built-in spec, a spec file, or (``auto``) one derived from ``task.model``."""
-    model = task.build_model(checkpoint) if task is not None and task.spec.model else None
+    # Only built where the spec needs it (never a transformers model: that would allocate it)
+    buildable = task is not None and task.spec.model not in (None, "transformers")
+    model = task.build_model(checkpoint) if buildable and name in ("auto", "mlp", "cnn") else None
     if name == "auto":
-        if model is not None and task is not None and task.spec.model != "transformers":
+        if model is not None and task is not None:
             if task.spec.data is not None:
                 example = next(iter(task.data("train")))[0]
             else:
-                first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+                first = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
+                if first is None:
+                    raise PlanError("align.spec: auto needs task.data for an example input")
                 example = torch.zeros(2, first.in_features)
             return derive_spec(model, example)
         config = checkpoint.directory / "config.json" if checkpoint.directory else None
