@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-import ot
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +39,8 @@ class SinkhornParams(BaseModel):
 
 def transport_map(cost: torch.Tensor, reg: float, max_iter: int) -> torch.Tensor:
     """``n * T`` for the entropic OT plan ``T`` between uniform marginals under ``cost``."""
+    import ot  # POT takes a second to import; only Sinkhorn runs need it
+
     n = cost.shape[0]
     scaled = (cost / cost.max().clamp(min=1e-12)).double().numpy()
     uniform = torch.full((n,), 1.0 / n, dtype=torch.float64).numpy()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -78,13 +78,12 @@ class PermutationSpec:
 
     groups: tuple[Group, ...]
     name: str = "spec"
-    _by_name: dict[str, Group] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._by_name.update({g.name: g for g in self.groups})
 
     def group(self, name: str) -> Group:
-        return self._by_name[name]
+        return next(g for g in self.groups if g.name == name)
+
+    def find(self, name: str) -> Group | None:
+        return next((g for g in self.groups if g.name == name), None)
 
     def children(self, name: str) -> list[Group]:
         return [g for g in self.groups if g.within == name]
@@ -208,7 +207,7 @@ def validate_spec(spec: PermutationSpec, checkpoint: Checkpoint, source: str = "
                 )
             seen.add((axis.tensor, axis.axis))
         if group.within is not None:
-            parent = spec._by_name.get(group.within)
+            parent = spec.find(group.within)
             if parent is None or parent.within is not None or group.size % parent.size:
                 problems.append(
                     f"group {group.name}: within {group.within!r} must name a top-level group "

@@ -91,8 +91,8 @@ def match_component(
             ) + 1e-9 * abs(assignment_value(similarity, new)):
                 perms[group.name] = new
                 changed = True
-        if not changed or len(top) == 1 and not spec.children(top[0].name):
-            break
+        if not changed or (len(top) == 1 and not spec.children(top[0].name)):
+            break  # a lone group is solved exactly by one assignment
     return perms
 
 
