@@ -20,6 +20,7 @@ from merge_cli.align.spec import (
 )
 from merge_cli.errors import PlanError, RecipeError
 from merge_cli.io import InMemoryCheckpoint
+from tests.align.conftest import REPO
 
 
 def _axes(spec: PermutationSpec) -> set[tuple[str, int, int]]:
@@ -163,3 +164,22 @@ def test_spec_file_round_trip_and_errors(tmp_path, models):
     path.write_text(yaml.safe_dump({"groups": groups}))
     with pytest.raises(PlanError, match=r"group h1: layers.0.weight axis 1 has shape \(32, 64\)"):
         load_spec_file(path, checkpoint)
+
+
+def test_resolve_spec_auto_falls_back_to_llama_config(tiny_llamas, digits_task):
+    from merge_cli.align.stage import resolve_spec
+    from merge_cli.io import open_checkpoint
+    from merge_cli.recipe import TaskSpec
+    from merge_cli.task import Task
+
+    spec = resolve_spec("auto", open_checkpoint(str(tiny_llamas["base"])), None)
+    assert spec.name == "llama" and len(spec.groups) == 3 * 4
+    mlp = InMemoryCheckpoint(digits_task.build_mlp(16, 2).state_dict())
+    with pytest.raises(PlanError, match="auto needs task.model"):
+        resolve_spec("auto", mlp, None)
+    task = Task(
+        TaskSpec(
+            model=f"{REPO}/recipes/tasks/digits.py:build_mlp", params={"hidden": 16, "depth": 2}
+        )
+    )
+    assert [g.size for g in resolve_spec("auto", mlp, task).groups] == [16, 16]
