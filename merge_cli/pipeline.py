@@ -71,6 +71,7 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     params = method.params.model_validate(
         {k: v for k, v in spec.params.items() if k in method.params.model_fields}
     )
+    derived = method.derived_inputs(recipe, checkpoints) if method.derived_inputs else None
     return build_plan(
         method,
         params,
@@ -79,6 +80,7 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
         spec.base,
         recipe.save.dtype,
         int(recipe.save.shard_size),
+        derived,
     )
 
 
@@ -90,6 +92,7 @@ def plan_summary(
 ) -> dict[str, Any]:
     """Bytes read and written, shards, and the expected peak memory of a streaming run."""
     method = method_of(recipe)
+    checkpoints = plan.sources(checkpoints)
     read = 0
     largest_chunk = 0
     for tensor in plan.tensors:
@@ -166,8 +169,13 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
             files: dict[str, bytes] = {}
             if isinstance(merged, ModelFuseResult):
                 merged, report, files = merged.checkpoint, merged.report, merged.files
-            output = save_checkpoint(
-                recipe, merged, checkpoints, options, report=report, files=files
+            # A method that writes its own output layout (an ensemble directory) returns its path.
+            output = (
+                merged
+                if isinstance(merged, Path)
+                else save_checkpoint(
+                    recipe, merged, checkpoints, options, report=report, files=files
+                )
             )
         if recipe.align is not None and recipe.align.repair:
             from merge_cli.align.stage import repair_output
@@ -197,7 +205,7 @@ def save_streaming(
             plan,
             method,
             recipe.fuse,
-            checkpoints,
+            plan.sources(checkpoints),
             writer,
             ExecutionOptions(device=options.device, chunk_bytes=options.chunk_bytes),
             options.progress,

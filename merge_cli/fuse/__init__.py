@@ -6,10 +6,23 @@ entry (:class:`~merge_cli.fuse.registry.Method`), then add it to ``_MODULES`` be
 
 from __future__ import annotations
 
-from merge_cli.fuse import adamerging, curve, fisher, greedy_soup, linear, passthrough, regmean
+from merge_cli.fuse import (
+    adamerging,
+    curve,
+    distill,
+    ensemble,
+    fisher,
+    greedy_soup,
+    linear,
+    moe,
+    passthrough,
+    regmean,
+)
 from merge_cli.fuse.registry import Method, TensorJob
 
-_MODULES = [linear, passthrough, fisher, regmean, adamerging, greedy_soup, curve]
+_MODULES = [
+    linear, passthrough, fisher, regmean, adamerging, greedy_soup, curve, ensemble, moe, distill,
+]  # fmt: skip
 
 #: Every available fuse method by name.
 METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _MODULES}
@@ -18,7 +31,6 @@ METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _M
 PLANNED: set[str] = {
     "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "multislerp", "karcher", "nuslerp", "model_stock", "sce",
-    "ensemble", "moe", "distill",
 }  # fmt: skip
 
 __all__ = ["METHODS", "PLANNED", "Method", "TensorJob"]
