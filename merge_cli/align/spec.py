@@ -265,7 +265,7 @@ def chain_spec(checkpoint: Checkpoint, module_order: list[str] | None = None) ->
                 size = checkpoint.info(axes[0].tensor).shape[0]
                 block = weight.shape[1] // size
                 axes.append(AxisRef(f"{module}.weight", 1, block, "in"))
-                groups.append(Group(f"{layer}", size, tuple(axes), None, (site,), 1, producer))
+                groups.append(Group(layer, size, tuple(axes), sites=(site,), producer=producer))
                 axes = []
             if module == layers[-1]:
                 break
