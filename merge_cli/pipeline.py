@@ -181,6 +181,10 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
                     recipe, merged, checkpoints, options, report=report, files=files
                 )
             )
+        if recipe.align is not None and recipe.align.repair:
+            from merge_cli.align.stage import repair_output
+
+            output = repair_output(recipe, checkpoints, output, options)
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
         from merge_cli.evaluate.stage import evaluate_recipe
