@@ -8,8 +8,8 @@ vocab 32000, GQA with 4 KV heads; the number of layers sets the size), then for 
 * ``merge-cli run`` on a recipe merging three checkpoints,
 
 each with a cold page cache (the inputs' pages evicted with POSIX_FADV_DONTNEED) and a warm
-one. Peak RSS is the child's maximum resident set size as ``wait4`` (and so
-``/usr/bin/time -v``) reports it, memory-mapped file pages included.
+one. Peak RSS is the merge process's maximum resident set size as GNU ``/usr/bin/time``
+reports it, memory-mapped file pages included.
 
     python scripts/bench.py                         # 3 GB and 6 GB inputs, linear
     python scripts/bench.py --sizes 1 --methods linear ties dare_ties
@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,16 +150,27 @@ with open(output, "wb", buffering=0) as handle:
 """
 
 
-def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of a child process, as /usr/bin/time -v reports."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(command)}\n{stderr}")
-    return seconds, usage.ru_maxrss * 1024
+def timed(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a command, measured by GNU time.
+
+    The command runs under ``/usr/bin/time`` rather than straight from this process: the
+    maximum RSS the kernel reports for a process includes what it had before ``exec``, and a
+    child forked straight from this benchmark would inherit the benchmark's own (large)
+    resident set.
+    """
+    with tempfile.NamedTemporaryFile("r") as report:
+        start = time.perf_counter()
+        process = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", report.name, *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        seconds = time.perf_counter() - start
+        if process.returncode != 0:
+            raise SystemExit(f"command failed: {' '.join(command)}\n{process.stderr}")
+        max_rss_kb = int(report.read().split()[-1])
+    return seconds, max_rss_kb * 1024
 
 
 def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> Path:
