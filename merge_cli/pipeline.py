@@ -17,7 +17,7 @@ import yaml
 
 from merge_cli import __version__, fuse
 from merge_cli.errors import OutputError, PlanError
-from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, chunk_budget, execute
+from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
 from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
 from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.fuse.vocab import match_vocabulary
@@ -108,8 +108,7 @@ def plan_summary(
             // max(1, tensor.shape[0] if tensor.shape else 1),
         )
         rows = tensor.shape[0] if tensor.shape else 1
-        budget = chunk_budget(method, chunk_bytes)
-        chunk_elems = min(rows, max(1, budget // (4 * row_elems))) * row_elems
+        chunk_elems = min(rows, max(1, chunk_bytes // (4 * row_elems))) * row_elems
         largest_chunk = max(largest_chunk, chunk_elems * len(sources))
     # per input element in flight: raw read (<=4 B) + float32 copy (4 B); x2 for read-ahead;
     # plus the float32 result and its cast. The interpreter and torch add ~0.3 GB.

@@ -22,7 +22,7 @@ from tests.conftest import REPO
 
 COLUMNS = 512
 SIZES = {"small": 256, "large": 1024}  # rows: 0.5 MiB and 2 MiB float32 per model
-CHUNK_BYTES = 16 * 2**10  # methods with statistics use 8x this (executor.chunk_budget)
+CHUNK_BYTES = 64 * 2**10
 CHILD = r"""
 import json, sys
 from pathlib import Path
