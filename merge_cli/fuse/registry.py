@@ -40,7 +40,8 @@ class TensorJob:
 
     ``models`` are the fused models' tensors (in ``fuse.models`` order) and ``base`` the base
     model's, all float32 on the compute device, restricted to rows ``rows`` of the full
-    tensor of shape ``shape``.
+    tensor of shape ``shape``. The job owns its tensors: a method may modify them in place
+    (saving memory traffic) once it no longer needs the original values.
     """
 
     name: str

@@ -1,0 +1,263 @@
+"""Benchmark: wall time, peak RSS and input throughput of a streaming merge.
+
+Generates synthetic Llama-shaped sharded bf16 checkpoints (hidden 2048, intermediate 5632,
+vocab 32000, GQA with 4 KV heads; the number of layers sets the size), then for each size:
+
+* the baseline — one process that reads every input byte once and writes as many bytes as
+  the merged output — and
+* ``merge-cli run`` on a recipe merging three checkpoints,
+
+each with a cold page cache (the inputs' pages evicted with POSIX_FADV_DONTNEED) and a warm
+one. Peak RSS is the child's maximum resident set size as ``wait4`` (and so
+``/usr/bin/time -v``) reports it, memory-mapped file pages included.
+
+    python scripts/bench.py                         # 3 GB and 6 GB inputs, linear
+    python scripts/bench.py --sizes 1 --methods linear ties dare_ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
+KV_DIM = HIDDEN // HEADS * KV_HEADS
+SHARD_BYTES = 2 * 10**9
+
+
+def layer_shapes(layer: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{layer}."
+    return {
+        p + "input_layernorm.weight": (HIDDEN,),
+        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.k_proj.weight": (KV_DIM, HIDDEN),
+        p + "self_attn.v_proj.weight": (KV_DIM, HIDDEN),
+        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        p + "post_attention_layernorm.weight": (HIDDEN,),
+        p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+        p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+        p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+    }
+
+
+def model_shapes(num_layers: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for layer in range(num_layers):
+        shapes.update(layer_shapes(layer))
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def layers_for(size_gb: float) -> int:
+    per_layer = sum(torch.Size(s).numel() for s in layer_shapes(0).values()) * 2
+    outer = 2 * VOCAB * HIDDEN * 2
+    return max(1, round((size_gb * 1e9 - outer) / per_layer))
+
+
+def generate(directory: Path, num_layers: int, seed: int) -> None:
+    """One synthetic checkpoint; values are slices of a seeded random pool (fast to make)."""
+    if (directory / "model.safetensors.index.json").exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    pool = (
+        torch.randn(64 * 2**20, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        * 0.02
+    )
+    shapes = model_shapes(num_layers)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    offset = 0
+    for name, shape in shapes.items():
+        numel = torch.Size(shape).numel()
+        if size + numel * 2 > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        start = offset % (pool.numel() - numel) if numel < pool.numel() else 0
+        if numel <= pool.numel():
+            tensor = pool[start : start + numel].reshape(shape).clone()
+        else:
+            tensor = pool.repeat(-(-numel // pool.numel()))[:numel].reshape(shape).clone()
+        shards[-1][name] = tensor
+        size += numel * 2
+        offset += 7919 * 131
+        if size >= SHARD_BYTES:
+            pass
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in shard})
+    total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "torch_dtype": "bfloat16",
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (no root needed)."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(paths: list[Path]) -> None:
+    buffer = bytearray(16 * 2**20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+BASELINE = """
+import sys
+inputs, output, nbytes = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+buffer = bytearray(16 * 2**20)
+for path in inputs:
+    with open(path, "rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
+with open(output, "wb", buffering=0) as handle:
+    view = memoryview(buffer)
+    while nbytes > 0:
+        nbytes -= handle.write(view[: min(len(buffer), nbytes)])
+"""
+
+
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a child process, as /usr/bin/time -v reports."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(command)}\n{stderr}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> Path:
+    base, *rest = models
+    fuse: dict = {"method": method}
+    if method == "linear":
+        fuse["models"] = {f"m{i}": {"weight": 1.0} for i in range(len(models))}
+        names = {f"m{i}": str(p) for i, p in enumerate(models)}
+    else:
+        names = {"base": str(base), **{f"m{i}": str(p) for i, p in enumerate(rest)}}
+        fuse["base"] = "base"
+        fuse["models"] = {f"m{i}": {"weight": 0.5} for i in range(len(rest))}
+        if method in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "della"):
+            fuse["params"] = {"density": 0.5}
+    recipe = {"models": names, "fuse": fuse, "save": {"path": str(out), "dtype": "bfloat16"}}
+    path = directory / f"{method}.json"  # JSON is YAML
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+def bench_size(size_gb: float, methods: list[str], root: Path, keep: bool) -> list[dict]:
+    num_layers = layers_for(size_gb)
+    directory = root / f"llama-{size_gb:g}gb"
+    models = [directory / name for name in ("a", "b", "c")]
+    for seed, model in enumerate(models):
+        generate(model, num_layers, seed)
+    inputs = sorted(p for m in models for p in m.glob("*.safetensors"))
+    input_bytes = sum(p.stat().st_size for p in inputs)
+    out = directory / "out"
+    rows = []
+    for method in methods:
+        recipe = recipe_for(method, models, out, directory)
+        merge_cmd = [sys.executable, "-m", "merge_cli", "run", str(recipe), "--overwrite"]
+        for cache in ("cold", "warm"):
+            shutil.rmtree(out, ignore_errors=True)
+            output_bytes = input_bytes // 3
+            baseline_out = directory / "baseline.bin"
+            if cache == "cold":
+                evict(inputs)
+            else:
+                warm(inputs)
+            base_s, base_rss = timed(
+                [
+                    sys.executable,
+                    "-c",
+                    BASELINE,
+                    *map(str, inputs),
+                    str(baseline_out),
+                    str(output_bytes),
+                ]
+            )
+            baseline_out.unlink()
+            if cache == "cold":
+                evict(inputs)
+            else:
+                warm(inputs)
+            merge_s, merge_rss = timed(merge_cmd)
+            rows.append(
+                {
+                    "size_gb": round(input_bytes / 3 / 1e9, 2),
+                    "layers": num_layers,
+                    "method": method,
+                    "cache": cache,
+                    "merge_s": round(merge_s, 2),
+                    "baseline_s": round(base_s, 2),
+                    "ratio": round(merge_s / base_s, 2),
+                    "peak_rss_mb": round(merge_rss / 2**20),
+                    "input_gb_per_s": round(input_bytes / merge_s / 1e9, 2),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(directory)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[3.0, 6.0], help="GB per input")
+    parser.add_argument("--methods", nargs="+", default=["linear"])
+    parser.add_argument("--root", type=Path, default=Path("bench-data"))
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = parser.parse_args()
+    rows = []
+    for size in args.sizes:
+        rows += bench_size(size, args.methods, args.root, args.keep)
+    print()
+    print(
+        "| input size | method | cache | merge-cli | read+write baseline | ratio "
+        "| peak RSS | input GB/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| 3 × {r['size_gb']} GB | {r['method']} | {r['cache']} | {r['merge_s']} s | "
+            f"{r['baseline_s']} s | {r['ratio']}× | {r['peak_rss_mb']} MB | {r['input_gb_per_s']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

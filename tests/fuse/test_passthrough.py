@@ -1,0 +1,83 @@
+"""Passthrough: copying one model, and stacking layer ranges into a deeper model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from merge_cli.errors import PlanError
+from merge_cli.pipeline import run
+from merge_cli.recipe import recipe_from_dict
+from tests.conftest import load_safetensors_dir
+
+
+def test_copy_one_model(tiny_llamas, tmp_path):
+    recipe = recipe_from_dict(
+        {
+            "models": {"math": str(tiny_llamas["math"])},
+            "fuse": {"method": "passthrough"},
+            "save": {"path": str(tmp_path / "out")},
+        }
+    )
+    out = load_safetensors_dir(run(recipe).output)
+    source = load_safetensors_dir(tiny_llamas["math"])
+    assert out.keys() == source.keys()
+    assert all(torch.equal(out[k], source[k]) for k in out)
+
+
+def test_layer_stacking_renumbers_and_updates_config(tiny_llamas, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_from_dict(
+        {
+            "models": {"math": str(tiny_llamas["math"]), "code": str(tiny_llamas["code"])},
+            "fuse": {
+                "method": "passthrough",
+                "params": {
+                    "slices": [
+                        {"model": "math", "layers": [0, 3]},
+                        {"model": "code", "layers": [1, 4]},
+                    ]
+                },
+            },
+            "save": {"path": str(tmp_path / "out")},
+        }
+    )
+    output = run(recipe).output
+    out = load_safetensors_dir(output)
+    math = load_safetensors_dir(tiny_llamas["math"])
+    code = load_safetensors_dir(tiny_llamas["code"])
+    assert json.loads((output / "config.json").read_text())["num_hidden_layers"] == 6
+    suffix = "mlp.up_proj.weight"
+    assert torch.equal(out[f"model.layers.2.{suffix}"], math[f"model.layers.2.{suffix}"])
+    assert torch.equal(out[f"model.layers.3.{suffix}"], code[f"model.layers.1.{suffix}"])
+    assert torch.equal(out[f"model.layers.5.{suffix}"], code[f"model.layers.3.{suffix}"])
+    assert torch.equal(out["model.embed_tokens.weight"], math["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], math["lm_head.weight"])
+    names = list(out)
+    assert names.index("model.embed_tokens.weight") < names.index(
+        "model.layers.0.mlp.up_proj.weight"
+    )
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert len(model.model.layers) == 6
+    assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def test_slice_out_of_range(tiny_llamas, tmp_path):
+    recipe = recipe_from_dict(
+        {
+            "models": {"math": str(tiny_llamas["math"])},
+            "fuse": {
+                "method": "passthrough",
+                "params": {"slices": [{"model": "math", "layers": [2, 9]}]},
+            },
+            "save": {"path": str(tmp_path / "out")},
+        }
+    )
+    with pytest.raises(
+        PlanError, match=r"slices\[0\].layers: \[2, 9\] is out of range; model 'math' has 4 layers"
+    ):
+        run(recipe)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,88 @@
+"""The streaming sharded writer: valid safetensors, index, atomic output, clear errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge_cli.errors import OutputError
+from merge_cli.io.checkpoint import TensorInfo
+from merge_cli.io.writer import ShardedWriter
+
+
+def infos(tensors):
+    return [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+
+
+@pytest.fixture
+def tensors():
+    return {
+        "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "b": torch.ones(5, dtype=torch.bfloat16),
+        "c": torch.tensor(7),
+        "d": torch.randn(2, 2).half(),
+    }
+
+
+def test_shards_and_index_load_with_safetensors(tmp_path, tensors):
+    target = tmp_path / "out"
+    items = list(tensors.items())
+    shards = [infos(dict(items[:2])), infos(dict(items[2:]))]
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    with ShardedWriter(target, shards, names) as writer:
+        writer.write("a", tensors["a"][:2])  # a chunk of rows, then the rest
+        writer.write("a", tensors["a"][2:])
+        for name in ("b", "c", "d"):
+            writer.write(name, tensors[name])
+        writer.finish()
+    loaded = {**load_file(str(target / names[0])), **load_file(str(target / names[1]))}
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"a": names[0], "b": names[0], "c": names[1], "d": names[1]}
+    assert index["metadata"]["total_size"] == 48 + 10 + 8 + 8
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_failure_leaves_nothing_at_target(tmp_path, tensors):
+    target = tmp_path / "out"
+    with (
+        pytest.raises(RuntimeError),
+        ShardedWriter(target, [infos(tensors)], ["model.safetensors"]) as writer,
+    ):
+        writer.write("a", tensors["a"])
+        raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path, tensors):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        ShardedWriter(target, [infos(tensors)], ["model.safetensors"])
+    assert (target / "keep.txt").read_text() == "precious"
+    with ShardedWriter(target, [infos(tensors)], ["model.safetensors"], overwrite=True) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.finish()
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+
+
+def test_disk_full_is_reported_and_cleaned_up(tmp_path, tensors, monkeypatch):
+    target = tmp_path / "out"
+    writer = ShardedWriter(target, [infos(tensors)], ["model.safetensors"])
+
+    def full(_payload):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="the disk is full.*nothing was written at"), writer:
+        writer.write("a", tensors["a"])
+        monkeypatch.setattr(writer._handle, "write", full, raising=False)
+        writer.write("b", tensors["b"])
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []

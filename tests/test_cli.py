@@ -1,0 +1,183 @@
+"""The command line: every command's help, JSON output, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_cli.cli import app
+
+
+def command_names():
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", [None, *command_names()])
+def test_every_command_has_help(cli, command):
+    args = ["--help"] if command is None else [command, "--help"]
+    code, out, _ = cli(*args)
+    assert code == 0
+    assert "Usage" in out
+
+
+def test_expected_commands_exist():
+    assert {"run", "validate", "plan", "methods", "inspect", "diff"} <= set(command_names())
+
+
+def write_recipe(tmp_path, tiny_llamas, **extra):
+    text = f"""
+models:
+  math: {tiny_llamas["math"]}
+  code: {tiny_llamas["code"]}
+fuse:
+  method: linear
+save:
+  path: {tmp_path / "out"}
+  dtype: float32
+"""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_run_json_and_summary(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    code, out, _ = cli("run", recipe, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["ok"] is True and report["plan"]["tensors"] == 39
+    code, out, _ = cli("run", recipe, "--overwrite")
+    assert code == 0 and "wrote" in out
+
+
+def test_validate_plan_inspect_diff_methods(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    assert cli("validate", recipe)[0] == 0
+    code, out, _ = cli("plan", recipe, "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["bytes_written"] == 2 * plan["bytes_read"] // 2
+    assert plan["expected_peak_memory"] > 0 and plan["shards"][0]["file"] == "model.safetensors"
+    assert not (tmp_path / "out").exists()  # validate and plan never write
+    code, out, _ = cli("inspect", tiny_llamas["base"], "--json")
+    info = json.loads(out)
+    assert info["tensors"] == 39 and info["dtypes"] == {"bfloat16": info["parameters"]}
+    assert len(info["shards"]) == 2
+    code, out, _ = cli("diff", tiny_llamas["base"], tiny_llamas["base"], "--json")
+    rows = json.loads(out)
+    assert code == 0 and all(
+        r["cosine"] == pytest.approx(1.0) and r["relative_l2"] == 0 for r in rows
+    )
+    code, out, _ = cli("diff", tiny_llamas["base"], tiny_llamas["math"])
+    assert code == 0 and "mean cosine" in out
+    code, out, _ = cli("methods", "--json")
+    names = {m["name"] for m in json.loads(out)}
+    assert {"linear", "passthrough"} <= names
+
+
+def assert_failed(result, *fragments, code=1):
+    exit_code, out, err = result
+    assert exit_code == code, (out, err)
+    text = " ".join(err.split())
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_unknown_recipe_key(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    recipe.write_text(recipe.read_text().replace("method: linear", "method: linear\n  sed: 3"))
+    assert_failed(cli("run", recipe), "fuse.sed: unknown key; did you mean 'seed'?", code=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_type(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    assert_failed(cli("run", recipe, "--set", "save.shard_size=-5"), "save.shard_size", code=2)
+
+
+def test_missing_model_path(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    assert_failed(
+        cli("run", recipe, "--set", f"models.code={tmp_path / 'gone'}"), "no such file or directory"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def _mutated_copy(source, target, mutate):
+    shutil.copytree(source, target)
+    shard = target / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    mutate(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path = target / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {
+        k: v for k, v in index["weight_map"].items() if k in tensors or "00001" in v
+    }
+    index_path.write_text(json.dumps(index))
+
+
+def test_tensor_missing_in_one_model(cli, tiny_llamas, tmp_path):
+    _mutated_copy(tiny_llamas["code"], tmp_path / "code", lambda t: t.pop("lm_head.weight"))
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    assert_failed(
+        cli("run", recipe, "--set", f"models.code={tmp_path / 'code'}"),
+        "tensor 'lm_head.weight' is missing in model 'code'",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch(cli, tiny_llamas, tmp_path):
+    def grow(tensors):
+        tensors["lm_head.weight"] = torch.zeros(300, 64, dtype=torch.bfloat16)
+
+    _mutated_copy(tiny_llamas["code"], tmp_path / "code", grow)
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    assert_failed(
+        cli("run", recipe, "--set", f"models.code={tmp_path / 'code'}"),
+        "tensor 'lm_head.weight': shape [300, 64] in model 'code' differs from [256, 64] in 'math'",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_and_truncated_inputs(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llamas["code"], broken)
+    shard = broken / "model-00001-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:8] + b"{not json" + data[17:])
+    assert_failed(
+        cli("run", recipe, "--set", f"models.code={broken}"), "not a valid safetensors file"
+    )
+    shard.write_bytes(data[: len(data) // 2])
+    assert_failed(cli("run", recipe, "--set", f"models.code={broken}"), "truncated or corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    assert_failed(cli("run", recipe), "output already exists; pass --overwrite")
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+
+
+def test_json_errors_are_machine_readable(cli, tiny_llamas, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    code, out, _ = cli("validate", recipe, "--set", "fuse.method=nope", "--json")
+    assert code == 2
+    payload = json.loads(out)
+    assert payload["ok"] is False and "unknown fuse method 'nope'" in payload["error"]
+
+
+def test_cuda_request_without_cuda(cli, tiny_llamas, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    assert_failed(cli("run", recipe, "--device", "cuda"), "no CUDA device is available")

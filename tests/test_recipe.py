@@ -1,0 +1,136 @@
+"""Recipe parsing, validation errors, overrides."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from merge_cli.errors import RecipeError
+from merge_cli.recipe import load_recipe, recipe_from_dict
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD = """
+models:
+  base: ./ckpt/base
+  math: {path: ./ckpt/math}
+fuse:
+  method: linear
+  models:
+    math: {weight: 0.6}
+  rules:
+    - match: "*.mlp.*"
+      params: {weight: [0.2, 0.8]}
+save:
+  path: ./out
+  shard_size: 2GB
+"""
+
+
+def test_valid_recipe_parses_with_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD))
+    assert recipe.models["base"].path == "./ckpt/base"
+    assert recipe.fuse.model_names(list(recipe.models)) == ["math"]
+    assert recipe.save.shard_size == 2_000_000_000
+    assert recipe.save.dtype == "keep"
+
+
+def test_every_error_is_reported_at_once_with_key_paths(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        models:
+          base: ./b
+        fuse:
+          method: linear
+          modles: [base]
+          seed: abc
+        save:
+          path: ./out
+          dtype: float8
+        """,
+    )
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    message = str(caught.value)
+    assert f"{path}: fuse.modles: unknown key; did you mean 'models'?" in message
+    assert "fuse.seed: Input should be a valid integer" in message
+    assert "save.dtype: Input should be 'float32', 'float16', 'bfloat16' or 'keep'" in message
+    assert len(caught.value.problems) == 3
+
+
+def test_method_parameter_errors_name_the_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("{weight: 0.6}", "{weight: heavy, density: 0.5}"))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    problems = caught.value.problems
+    assert any(
+        p.startswith("fuse.models.math.weight: Input should be a valid number") for p in problems
+    )
+    assert any("fuse.models.math.density: unknown parameter" in p for p in problems)
+
+
+def test_unknown_model_and_unbuilt_method(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        models: {a: ./a}
+        fuse: {method: sce_plus_plus, base: nothere}
+        save: {path: ./o}
+        """,
+    )
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    text = str(caught.value)
+    assert "fuse.method: unknown fuse method 'sce_plus_plus'" in text
+    assert "fuse.base: no model named 'nothere' in models (have: a)" in text
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "models:\n  a: [1, 2\nfuse: {}\n")
+    with pytest.raises(RecipeError, match=r"line \d+, column \d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read the recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_and_out(tmp_path):
+    recipe = load_recipe(
+        write(tmp_path, GOOD),
+        overrides=["fuse.models.math.weight=0.25", "fuse.seed=7", "models.base=/x/y"],
+        out="/tmp/elsewhere",
+    )
+    assert recipe.fuse.models["math"]["weight"] == 0.25
+    assert recipe.fuse.seed == 7
+    assert recipe.models["base"].path == "/x/y"
+    assert recipe.save.path == "/tmp/elsewhere"
+
+
+def test_set_override_is_validated(tmp_path):
+    with pytest.raises(
+        RecipeError, match="fuse.models.math.weight: Input should be a valid number"
+    ):
+        load_recipe(write(tmp_path, GOOD), overrides=["fuse.models.math.weight=[a, b]"])
+    with pytest.raises(RecipeError, match="expected KEY.PATH=VALUE"):
+        load_recipe(write(tmp_path, GOOD), overrides=["fuse.seed"])
+
+
+def test_fuse_requires_save_path():
+    with pytest.raises(RecipeError, match="save.path: required"):
+        recipe_from_dict({"models": {"a": "./a"}, "fuse": {"method": "linear"}})
+
+
+def test_unavailable_stage_method_is_a_clear_error():
+    with pytest.raises(RecipeError, match="align.method: unknown alignment method 'teleport'"):
+        recipe_from_dict(
+            {"models": {"a": "./a"}, "align": {"method": "teleport"}, "save": {"path": "o"}}
+        )
