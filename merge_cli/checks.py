@@ -67,6 +67,8 @@ def check_recipe_semantics(recipe: Recipe) -> list[str]:
                     f"fuse.models: method {method.name!r} takes at most {method.max_models} "
                     f"model(s) besides the base, got {len(fused)}"
                 )
+            if method.check is not None:
+                problems += method.check(spec, fused)
             if method.needs_task and not any(recipe.task_for(n) for n in fused):
                 problems.append(f"task: method {method.name!r} needs a task (model, data, loss)")
             problems += check_fuse_params(spec, method)

@@ -6,18 +6,47 @@ entry (:class:`~merge_cli.fuse.registry.Method`), then add it to ``_MODULES`` be
 
 from __future__ import annotations
 
-from merge_cli.fuse import linear, passthrough
+from merge_cli.fuse import (
+    breadcrumbs,
+    dare,
+    della,
+    linear,
+    model_stock,
+    multislerp,
+    passthrough,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from merge_cli.fuse.registry import Method, TensorJob
 
-_MODULES = [linear, passthrough]
+#: Modules that define ``METHOD`` (one method) or ``METHODS`` (a family of variants).
+_MODULES = [
+    linear,
+    passthrough,
+    task_arithmetic,
+    ties,
+    dare,
+    breadcrumbs,
+    della,
+    slerp,
+    multislerp,
+    model_stock,
+]
+
+
+def _entries(module) -> list[Method]:
+    return list(module.METHODS) if hasattr(module, "METHODS") else [module.METHOD]
+
 
 #: Every available fuse method by name.
-METHODS: dict[str, Method] = {module.METHOD.name: module.METHOD for module in _MODULES}
+METHODS: dict[str, Method] = {
+    method.name: method for module in _MODULES for method in _entries(module)
+}
 
 #: Methods from the design that are not built yet: the recipe check says so by name.
 PLANNED: set[str] = {
-    "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "slerp", "multislerp", "karcher", "nuslerp", "model_stock", "sce",
+    "sce",
     "greedy_soup", "fisher", "regmean", "adamerging", "curve", "ensemble", "moe", "distill",
 }  # fmt: skip
 

@@ -76,6 +76,9 @@ class Method:
     #: False when a chunk's result depends on other rows (the executor then never splits).
     chunkable: bool = True
     plan_tensors: Callable[..., Any] | None = None
+    #: Extra recipe checks ``(fuse spec, fused model names) -> problems`` (e.g. "exactly two
+    #: models"), run with the other checks before any tensor is read.
+    check: Callable[[Any, list[str]], list[str]] | None = None
     fuse_model: Callable[..., Any] | None = None
     needs_task: bool = False
 

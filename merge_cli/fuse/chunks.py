@@ -1,0 +1,75 @@
+"""Helpers for per-tensor methods that see a tensor one row chunk at a time.
+
+A chunk holds whole rows (slices along dim 0) of the full tensor. Whole-tensor sums are
+accumulated *per row* and added up once at the end, in the same order whether or not the
+tensor was split: a statistic computed over chunks is then bit-identical to the one computed
+over the whole tensor (a plain running sum over chunks would round differently).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from merge_cli.fuse.registry import TensorJob
+
+#: Fresh iterators over a tensor's chunks, as the executor hands them to ``statistics``.
+ChunkPasses = Callable[[], Iterator[TensorJob]]
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """View a chunk as a 2-D [rows, row elements] matrix (a scalar is one row of one)."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1, 1)
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def row_numel(shape: tuple[int, ...]) -> int:
+    """Number of elements in one row (slice along dim 0) of a tensor of ``shape``."""
+    return math.prod(shape[1:]) if shape else 1
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def flat_indices(job: TensorJob) -> torch.Tensor:
+    """Flat (row-major) index in the full tensor of every element of the chunk, as int64."""
+    count = job.models[0].numel()
+    start = job.rows[0] * row_numel(job.shape)
+    return torch.arange(start, start + count, dtype=torch.int64, device=job.models[0].device)
+
+
+def task_vectors(job: TensorJob) -> list[torch.Tensor]:
+    """Each fused model's chunk minus the base model's (Ilharco et al. 2023)."""
+    assert job.base is not None, "the method needs a base model"
+    return [model - job.base for model in job.models]
+
+
+def whole_sums(passes: ChunkPasses, per_row: Callable[[TensorJob], torch.Tensor]) -> torch.Tensor:
+    """Whole-tensor sums of per-row quantities, identical however the tensor is chunked.
+
+    ``per_row(job)`` returns a float64 tensor ``[rows in chunk, ...]`` (one entry per row of
+    the chunk); the result is its sum over all rows of the tensor, shape ``[...]``.
+    """
+    parts = [per_row(job) for job in passes()]
+    return torch.cat(parts).sum(0)
+
+
+def gram_per_row(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row Gram matrices ``[rows, n, n]`` (float64) of n same-shaped chunks."""
+    stacked = torch.stack([as_rows(v).double() for v in vectors], dim=1)
+    return torch.einsum("rie,rje->rij", stacked, stacked)
+
+
+def gram_matrix(
+    passes: ChunkPasses, vectors: Callable[[TensorJob], list[torch.Tensor]]
+) -> torch.Tensor:
+    """Gram matrix ``G[i, j] = <v_i, v_j>`` (float64) of n vectors over the whole tensor.
+
+    Norms, angles and every linear combination's norm follow from it, which is all SLERP,
+    multi-SLERP, the Karcher mean and model stock need from the whole tensor.
+    """
+    return whole_sums(passes, lambda job: gram_per_row(vectors(job)))

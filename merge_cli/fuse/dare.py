@@ -1,0 +1,143 @@
+"""DARE: drop and rescale task vectors at random (``dare_linear``, ``dare_ties``).
+
+Yu et al. 2024, "Language models are Super Mario: Absorbing abilities from homologous models
+as a free lunch" (ICML): each entry of a task vector is dropped with probability
+p = 1 - ``density`` and the survivors are rescaled by 1 / (1 - p), which keeps the expected
+task vector unchanged. The sparsified task vectors are then merged by task arithmetic
+(``dare_linear``) or by TIES's sign election and disjoint mean (``dare_ties``).
+
+Drops are drawn from a counter-based hash of (``fuse.seed``, tensor name, model, element
+index) (:mod:`merge_cli.fuse.hashing`): the same recipe gives the same mask whether the tensor
+is processed whole or in chunks, on CPU or GPU.
+
+Differences from mergekit, by name:
+
+* ``rescale: true`` (default) divides by the keep probability, as the paper does.
+  ``rescale: l1`` reproduces mergekit's ``rescale: true``, which instead scales the kept
+  entries so the tensor's L1 norm matches the unpruned task vector's. ``rescale: false``
+  does not rescale.
+* ``normalize`` defaults to the paper's merge rule: off for ``dare_linear`` (task
+  arithmetic), on for ``dare_ties`` (TIES's disjoint mean). mergekit's default for
+  ``dare_ties`` is ``normalize: false``; set it explicitly to reproduce mergekit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from merge_cli.fuse.chunks import ChunkPasses, as_rows, flat_indices, task_vectors, whole_sums
+from merge_cli.fuse.hashing import uniform
+from merge_cli.fuse.registry import Method, TensorJob
+from merge_cli.fuse.task_arithmetic import combine_task_vectors, task_vector_params
+from merge_cli.fuse.ties import DensityParams
+
+Rescale = bool | Literal["l1"]
+
+RESCALE_FIELD = (
+    Rescale,
+    Field(
+        True,
+        description="true: divide kept entries by their keep probability (paper); "
+        "l1: match the L1 norm of the unpruned task vector (mergekit); false: none",
+    ),
+)
+
+
+def random_keep(job: TensorJob, model_index: int, keep_probability: Any) -> torch.Tensor:
+    """Boolean keep mask of model ``model_index``'s chunk: uniform(seed, model, index) < p."""
+    draws = uniform(job.seed, model_index, flat_indices(job)).reshape(job.models[0].shape)
+    return draws < keep_probability
+
+
+def l1_rescale_factors(
+    passes: ChunkPasses, pruned: Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor]]]
+) -> list[float]:
+    """mergekit's L1 rescaling: ||tau||_1 / ||pruned tau||_1 per model, over the whole tensor.
+
+    ``pruned(job)`` gives each model's (task vector, pruned task vector) chunk. A factor is 1
+    when either norm is below 1e-7, as in mergekit.
+    """
+
+    def per_row(job: TensorJob) -> torch.Tensor:
+        pairs = pruned(job)
+        columns = [as_rows(t).abs().sum(1, dtype=torch.float64) for pair in pairs for t in pair]
+        return torch.stack(columns, dim=1)
+
+    sums = whole_sums(passes, per_row).tolist()
+    factors = []
+    for before, after in zip(sums[0::2], sums[1::2], strict=True):
+        factors.append(1.0 if before < 1e-7 or after < 1e-7 else before / after)
+    return factors
+
+
+def _dropped(
+    job: TensorJob, models: list[DensityParams]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each model's (task vector, task vector with dropped entries zeroed)."""
+    pairs = []
+    for i, (delta, model) in enumerate(zip(task_vectors(job), models, strict=True)):
+        kept = delta if model.density >= 1 else delta * random_keep(job, i, model.density)
+        pairs.append((delta, kept))
+    return pairs
+
+
+def _statistics(passes: ChunkPasses, params: Any, models: list[DensityParams]) -> Any:
+    if params.rescale != "l1":
+        return None
+    return l1_rescale_factors(passes, lambda job: _dropped(job, models))
+
+
+def _merge_with(elect_sign: bool):
+    def merge(job: TensorJob, params: Any, models: list[DensityParams], stats: Any):
+        assert job.base is not None
+        deltas = []
+        for i, ((_, kept), model) in enumerate(zip(_dropped(job, models), models, strict=True)):
+            if params.rescale == "l1":
+                kept *= stats[i]
+            elif params.rescale:
+                kept /= model.density
+            deltas.append(kept)
+        return combine_task_vectors(
+            job.base,
+            deltas,
+            [m.weight for m in models],
+            normalize=params.normalize,
+            scale=getattr(params, "lambda"),
+            elect_sign=elect_sign,
+        )
+
+    return merge
+
+
+DareLinearParams = task_vector_params("DareLinearParams", normalize=False, rescale=RESCALE_FIELD)
+DareTiesParams = task_vector_params("DareTiesParams", normalize=True, rescale=RESCALE_FIELD)
+
+DARE_LINEAR = Method(
+    name="dare_linear",
+    family="weight_average",
+    summary="Drop task-vector entries at random (keep `density`), rescale, add to the base.",
+    reference="Yu et al. 2024, Language models are Super Mario (DARE), ICML",
+    params=DareLinearParams,
+    model_params=DensityParams,
+    needs_base=True,
+    merge=_merge_with(elect_sign=False),
+    statistics=_statistics,
+)
+
+DARE_TIES = Method(
+    name="dare_ties",
+    family="weight_average",
+    summary="DARE's random drop and rescale, then TIES's sign election and disjoint mean.",
+    reference="Yu et al. 2024 (DARE), ICML; Yadav et al. 2023 (TIES), NeurIPS",
+    params=DareTiesParams,
+    model_params=DensityParams,
+    needs_base=True,
+    merge=_merge_with(elect_sign=True),
+    statistics=_statistics,
+)
+
+METHODS = [DARE_LINEAR, DARE_TIES]

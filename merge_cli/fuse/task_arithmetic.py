@@ -1,0 +1,114 @@
+"""Task arithmetic, and the combination step every task-vector method shares.
+
+Ilharco et al. 2023, "Editing models with task arithmetic" (ICLR): a *task vector* is a
+fine-tuned model minus its pre-trained base, tau_i = theta_i - theta_base; adding a scaled sum
+of task vectors to the base adds the tasks: theta = theta_base + lambda * sum_i w_i tau_i.
+Parameter names follow mergekit's ``task_arithmetic``: per-model ``weight``, method
+``normalize`` (divide by the sum of weights; off by default, as in the paper and mergekit)
+and ``lambda``.
+
+TIES, DARE, breadcrumbs, DELLA and SCE differ only in how they sparsify each task vector and
+whether they elect a sign per entry before summing; :func:`combine_task_vectors` is that
+shared last step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from merge_cli.fuse.chunks import task_vectors
+from merge_cli.fuse.registry import Method, TensorJob
+
+
+class WeightParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, description="this model's task vector weight")
+
+
+def task_vector_params(
+    name: str, normalize: bool, base: type[BaseModel] | None = None, **fields: Any
+) -> type[BaseModel]:
+    """Method-level schema with ``normalize`` and ``lambda`` (a Python keyword, hence built)."""
+    return create_model(
+        name,
+        __base__=base,
+        __config__=None if base else ConfigDict(extra="forbid"),
+        normalize=(
+            bool,
+            Field(normalize, description="divide the sum by the sum of the (agreeing) weights"),
+        ),
+        **{"lambda": (float, Field(1.0, description="scale of the merged task vector"))},
+        **fields,
+    )
+
+
+def elected_sign(weighted: list[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election: the sign of the total (weighted) mass per entry; +1 on a tie."""
+    mass = torch.zeros_like(weighted[0])
+    for tensor in weighted:
+        mass += tensor
+    return torch.where(mass >= 0, 1.0, -1.0).to(mass.dtype)
+
+
+def combine_task_vectors(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    *,
+    normalize: bool,
+    scale: float,
+    elect_sign: bool = False,
+) -> torch.Tensor:
+    """``base + scale * merged``, where ``merged`` sums the weighted task vectors.
+
+    With ``elect_sign`` (TIES's disjoint merge, Yadav et al. 2023) only the entries whose
+    sign agrees with the elected sign are summed, and ``normalize`` divides each entry by the
+    sum of the weights of the models that agree there (a disjoint mean). Without it,
+    ``normalize`` divides by the sum of all weights.
+    """
+    weighted = [delta.mul_(weight) for delta, weight in zip(deltas, weights, strict=True)]
+    merged = torch.zeros_like(base)
+    if elect_sign:
+        sign = elected_sign(weighted)
+        divisor = torch.zeros_like(base)
+        for tensor, weight in zip(weighted, weights, strict=True):
+            agrees = torch.sign(tensor) == sign
+            merged += torch.where(agrees, tensor, 0.0)
+            divisor += agrees * weight
+        if normalize:
+            merged /= torch.where(divisor == 0, 1.0, divisor)
+    else:
+        for tensor in weighted:
+            merged += tensor
+        total = sum(weights)
+        if normalize and abs(total) >= 1e-8:
+            merged /= total
+    return merged.mul_(scale).add_(base)
+
+
+def _merge(job: TensorJob, params: Any, models: list[WeightParams], _stats: Any) -> torch.Tensor:
+    assert job.base is not None
+    return combine_task_vectors(
+        job.base,
+        task_vectors(job),
+        [m.weight for m in models],
+        normalize=params.normalize,
+        scale=getattr(params, "lambda"),
+    )
+
+
+TaskArithmeticParams = task_vector_params("TaskArithmeticParams", normalize=False)
+
+METHOD = Method(
+    name="task_arithmetic",
+    family="weight_average",
+    summary="Base plus lambda times the weighted sum of task vectors (fine-tuned minus base).",
+    reference="Ilharco et al. 2023, Editing models with task arithmetic (ICLR)",
+    params=TaskArithmeticParams,
+    model_params=WeightParams,
+    needs_base=True,
+    merge=_merge,
+)
