@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,42 +45,96 @@ BaseUse = Literal["required", "optional", "ignored"]
 
 @dataclass(frozen=True)
 class MergekitMethod:
-    """What merge-cli needs to know of one mergekit 0.1.5 method."""
+    """What merge-cli needs to know of one mergekit 0.1.5 method.
+
+    ``defaults`` are mergekit's parameter defaults (``REQUIRED`` where it has none);
+    ``per_model`` names those set per input model. ``no_effect`` maps a parameter to the value
+    at which it changes nothing (dropped; any other value is unsupported); ``ignored`` are
+    parameters mergekit accepts and ignores for this method; ``values`` maps mergekit values
+    to merge-cli's; ``fixed`` are merge-cli parameters that select mergekit's behaviour.
+    """
 
     base: BaseUse
-    shared: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)
     per_model: tuple[str, ...] = ()
+    no_effect: dict[str, Any] = field(default_factory=dict)
+    ignored: tuple[str, ...] = ()
+    values: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shared(self) -> tuple[str, ...]:
+        return tuple(k for k in self.defaults if k not in self.per_model)
 
 
-_TASK_VECTOR_SHARED = ("normalize", "rescale", "lambda", "int8_mask")
+REQUIRED = object()
 
-#: mergekit 0.1.5 methods merge-cli runs, with their parameters (shared / per model).
+
+def _task_vectors(
+    normalize: bool,
+    rescale: bool,
+    extra: dict[str, float] | None = None,
+    *,
+    ignored: tuple[str, ...] = (),
+    **options: Any,
+) -> MergekitMethod:
+    """mergekit's ``GeneralizedTaskArithmeticMerge`` family (its defaults differ by method)."""
+    extra = extra or {}
+    return MergekitMethod(
+        "required",
+        {
+            "normalize": normalize,
+            "rescale": rescale,
+            "lambda": 1.0,
+            "int8_mask": False,
+            "weight": REQUIRED,
+            "density": 1.0,
+            **extra,
+        },
+        per_model=("weight", "density", *extra),
+        # The int8 mask is a storage option of mergekit's: the result is the same either way.
+        ignored=("int8_mask", *ignored),
+        **options,
+    )
+
+
+# mergekit's ``rescale: true`` after magnitude trimming (L1-norm matching) is not supported.
+_SPARSE_MAGNITUDE: dict[str, Any] = {"no_effect": {"rescale": False}}
+# mergekit's DARE/DELLA ``rescale: true`` matches the L1 norm of the pruned task vector.
+_RESCALE_L1: dict[str, Any] = {"values": {"rescale": {True: "l1"}}}
+_OUTLIERS: dict[str, Any] = {"fixed": {"empty_without_outliers": True}}
+
+#: mergekit 0.1.5 methods merge-cli runs, with their parameters and defaults.
 MERGEKIT_METHODS: dict[str, MergekitMethod] = {
-    "linear": MergekitMethod("ignored", ("normalize",), ("weight",)),
-    "passthrough": MergekitMethod("ignored", (), ("scale",)),
-    "task_arithmetic": MergekitMethod("required", _TASK_VECTOR_SHARED, ("weight", "density")),
-    "ties": MergekitMethod("required", _TASK_VECTOR_SHARED, ("weight", "density")),
-    "dare_ties": MergekitMethod("required", _TASK_VECTOR_SHARED, ("weight", "density")),
-    "dare_linear": MergekitMethod("required", _TASK_VECTOR_SHARED, ("weight", "density")),
-    "breadcrumbs": MergekitMethod("required", _TASK_VECTOR_SHARED, ("weight", "density", "gamma")),
-    "breadcrumbs_ties": MergekitMethod(
-        "required", _TASK_VECTOR_SHARED, ("weight", "density", "gamma")
+    "linear": MergekitMethod("ignored", {"normalize": True, "weight": REQUIRED}, ("weight",)),
+    "passthrough": MergekitMethod("ignored", {"scale": None}, ("scale",)),
+    # Without sparsification mergekit ignores density and rescale.
+    "task_arithmetic": _task_vectors(False, False, ignored=("density", "rescale")),
+    "ties": _task_vectors(True, False, **_SPARSE_MAGNITUDE),
+    "dare_ties": _task_vectors(False, True, **_RESCALE_L1),
+    "dare_linear": _task_vectors(False, True, **_RESCALE_L1),
+    "breadcrumbs": _task_vectors(False, False, {"gamma": 0.01}, **_SPARSE_MAGNITUDE, **_OUTLIERS),
+    "breadcrumbs_ties": _task_vectors(
+        False, False, {"gamma": 0.01}, **_SPARSE_MAGNITUDE, **_OUTLIERS
     ),
-    "della": MergekitMethod("required", _TASK_VECTOR_SHARED, ("weight", "density", "epsilon")),
-    "della_linear": MergekitMethod(
-        "required", _TASK_VECTOR_SHARED, ("weight", "density", "epsilon")
+    "della": _task_vectors(True, True, {"epsilon": 0.15}, **_RESCALE_L1),
+    "della_linear": _task_vectors(False, True, {"epsilon": 0.15}, **_RESCALE_L1),
+    "slerp": MergekitMethod("required", {"t": REQUIRED}),
+    "nuslerp": MergekitMethod(
+        "optional",
+        {"nuslerp_row_wise": False, "nuslerp_flatten": True, "weight": REQUIRED},
+        ("weight",),
     ),
-    "slerp": MergekitMethod("required", ("t",)),
-    "nuslerp": MergekitMethod("optional", ("nuslerp_row_wise", "nuslerp_flatten"), ("weight",)),
-    "multislerp": MergekitMethod("optional", ("normalize_weights", "eps"), ("weight",)),
-    "karcher": MergekitMethod("ignored", ("max_iter", "tol")),
-    "model_stock": MergekitMethod("required", ("filter_wise",)),
-    "sce": MergekitMethod("required", ("select_topk", "int8_mask")),
+    "multislerp": MergekitMethod(
+        "optional", {"normalize_weights": True, "eps": 1e-8, "weight": REQUIRED}, ("weight",)
+    ),
+    "karcher": MergekitMethod("ignored", {"max_iter": 10, "tol": 1e-5}),
+    "model_stock": MergekitMethod("required", {"filter_wise": False}),
+    "sce": MergekitMethod(
+        "required", {"select_topk": 1.0, "int8_mask": False}, ignored=("int8_mask",)
+    ),
 }
 
-#: Accepted and dropped: mergekit stores TIES/DARE masks as int8 to save memory; merge-cli
-#: never materialises a whole-model mask, and the result is the same either way.
-_NO_EFFECT = {"int8_mask"}
 #: Top-level keys of a mergekit configuration that merge-cli does not support.
 _UNSUPPORTED_TOP = {
     "modules": "per-module merges (multimodal models) are not supported",
@@ -210,6 +264,7 @@ class _Translator:
             self.problems.append("parameters: expected a mapping of parameter names to values")
             top_params = {}
         self.check_names(top_params, "parameters", method_name, method, per_model=False)
+        self.check_names(slice_params, "slices[0].parameters", method_name, method, False)
         for i, (_ref, params) in enumerate(inputs):
             where = (
                 f"slices[0].sources[{i}].parameters"
@@ -233,12 +288,18 @@ class _Translator:
                 fuse["params"]["head_from"] = names[passthrough_slices[-1][0]]
         else:
             shared_chain = [
-                _drop_no_effect(slice_params),
-                _drop_no_effect(top_params),
+                self.prepare(slice_params, "slices[0].parameters", method_name, method),
+                self.prepare(top_params, "parameters", method_name, method),
+                _defaults(method_name, method),
             ]
-            per_model = {name: _drop_no_effect(model_params.get(name, {})) for name in fused}
+            per_model = {
+                name: self.prepare(model_params.get(name, {}), where, method_name, method)
+                for name, where in self.model_wheres(inputs, names, fused)
+            }
+            self.fail_if_problems()
             try:
                 params, models, rules = _parameter_tables(shared_chain, per_model)
+                rules = _drop_unmatched(rules, references[0])
             except _ParamError as error:
                 raise RecipeError(self.source, [str(error)]) from None
             fuse["models"] = models
@@ -434,6 +495,34 @@ class _Translator:
                     f"(it takes: {known})"
                 )
 
+    def model_wheres(
+        self, inputs: list[tuple[str, dict[str, Any]]], names: _ModelNames, fused: list[str]
+    ) -> list[tuple[str, str]]:
+        """Each fused model's name and where its parameters are in the configuration."""
+        kind = "slices[0].sources" if self.raw.get("slices") else "models"
+        index = {names[ref]: i for i, (ref, _) in enumerate(inputs)}
+        return [(name, f"{kind}[{index.get(name, '?')}].parameters") for name in fused]
+
+    def prepare(
+        self, params: dict[str, Any], where: str, method_name: str, method: MergekitMethod
+    ) -> dict[str, Any]:
+        """Drop what has no effect, reject what merge-cli cannot do, map mergekit's values."""
+        prepared = {}
+        for key, setting in params.items():
+            if key in method.ignored:
+                continue
+            if key in method.no_effect:
+                neutral = method.no_effect[key]
+                if not all(value == neutral for value in _scalars(setting)):
+                    self.problems.append(
+                        f"{where}.{key}: {setting!r} is not supported by merge-cli's "
+                        f"{method_name} (only {neutral!r}, mergekit's default)"
+                    )
+                continue
+            mapping = method.values.get(key)
+            prepared[key] = _map_values(setting, mapping) if mapping else setting
+        return prepared
+
     def save_dtype(self) -> str | None:
         for key in ("out_dtype", "dtype"):
             value = self.raw.get(key)
@@ -499,6 +588,30 @@ class _ModelNames:
         return self._names[reference]
 
 
+def _local_tensor_names(reference: str) -> list[str] | None:
+    """The tensor names of a local checkpoint (headers only); None for a Hub reference."""
+    from merge_cli.errors import CheckpointError
+    from merge_cli.io.resolve import HUB_PREFIX, open_checkpoint
+
+    if reference.startswith(HUB_PREFIX) or not Path(reference).expanduser().exists():
+        return None
+    try:
+        return open_checkpoint(reference).tensor_names()
+    except CheckpointError:
+        return None
+
+
+def _drop_unmatched(rules: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """Rules that match no tensor of a local model change nothing: leave them out."""
+    from merge_cli.fuse.params import rule_matches
+    from merge_cli.recipe import Rule
+
+    names = _local_tensor_names(reference) if rules else None
+    if names is None:
+        return rules
+    return [r for r in rules if any(rule_matches(Rule(match=r["match"]), n) for n in names)]
+
+
 def _layer_count(reference: str) -> int:
     from merge_cli.fuse.params import count_layers
     from merge_cli.io.resolve import open_checkpoint
@@ -506,8 +619,44 @@ def _layer_count(reference: str) -> int:
     return count_layers(open_checkpoint(reference).tensor_names())
 
 
-def _drop_no_effect(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k not in _NO_EFFECT}
+def _scalars(setting: Any) -> list[Any]:
+    """Every plain value in a setting (scalars, gradient entries, conditional values)."""
+    if isinstance(setting, dict):
+        return _scalars(setting.get("value"))
+    if isinstance(setting, list):
+        return [v for item in setting for v in _scalars(item)]
+    return [setting]
+
+
+def _map_values(setting: Any, mapping: dict[Any, Any]) -> Any:
+    if isinstance(setting, dict):
+        return {**setting, "value": _map_values(setting.get("value"), mapping)}
+    if isinstance(setting, list):
+        return [_map_values(item, mapping) for item in setting]
+    return mapping.get(setting, setting) if isinstance(setting, bool) else setting
+
+
+def _defaults(method_name: str, method: MergekitMethod) -> dict[str, Any]:
+    """mergekit's defaults where merge-cli's differ, and the options that pick its behaviour.
+
+    The lowest level of the parameter chain: any value set in the configuration wins.
+    """
+    from merge_cli.fuse import METHODS
+
+    ours = METHODS.get(method_name)
+    if ours is None:
+        return {}
+    fields = {**ours.model_params.model_fields, **ours.params.model_fields}
+    defaults = {}
+    for key, value in method.defaults.items():
+        if value is REQUIRED or key in method.ignored or key in method.no_effect:
+            continue
+        if key not in fields or fields[key].is_required():
+            continue
+        value = _map_values(value, method.values.get(key, {}))
+        if fields[key].get_default(call_default_factory=True) != value:
+            defaults[key] = value
+    return {**defaults, **method.fixed}
 
 
 # ---------------------------------------------------------------------------------------
@@ -585,7 +734,7 @@ def _parameter_tables(
     ``shared_chain`` lists the method-wide settings from highest precedence (a slice's) to
     lowest (the top level); ``per_model`` each fused model's own settings, which come first.
     """
-    chain_where = ["slices[0].parameters", "parameters"]
+    chain_where = ["slices[0].parameters", "parameters", "defaults"]
     keys = list(dict.fromkeys(k for level in shared_chain for k in level))
     all_settings = [
         (level[k], f"{chain_where[i]}.{k}") for i, level in enumerate(shared_chain) for k in level
@@ -649,42 +798,50 @@ def _parameter_tables(
         if resolved(present) != resolved(fallback):
             kept.append(present)
 
+    def rule(match: str, shared: dict[str, Any], models: dict[str, dict[str, Any]]) -> Any:
+        """A rule holding what differs from the top-level values (and must beat them)."""
+        params = {k: v for k, v in shared.items() if base_shared.get(k) != v}
+        per_model = {}
+        for name, values in models.items():
+            entry = {
+                k: v for k, v in values.items() if base_models[name].get(k) != v or k in params
+            }
+            if entry:
+                per_model[name] = entry
+        return _rule(match, params, per_model)
+
     rules: list[dict[str, Any]] = []
     for present in [s for s in order if s in kept]:
         shared, models = table(present)
-        rule_params = {k: v for k, v in shared.items() if base_shared.get(k) != v}
-        rule_models = {}
-        for name, values in models.items():
-            entry = {
-                k: v for k, v in values.items() if base_models[name].get(k) != v or k in rule_params
-            }
-            if entry:
-                rule_models[name] = entry
-        head = _non_layer_rule(present, shared, models)
-        if head is not None:
-            rules.append(head)
-        rules.append(_rule(_match(present), rule_params, rule_models))
-    head = _non_layer_rule(empty, base_shared, base_models)
-    if head is not None:
-        rules.append(head)
+        if _has_gradient(shared, models):
+            rules.append(rule(_match(present, non_layer=True), *_first_values(shared, models)))
+        rules.append(rule(_match(present), shared, models))
+    if _has_gradient(base_shared, base_models):
+        last = rule(_match(empty, non_layer=True), *_first_values(base_shared, base_models))
+        if len(last) > 1:
+            rules.append(last)
     return base_shared, base_models, rules
 
 
-def _non_layer_rule(
-    present: Present, shared: dict[str, Any], models: dict[str, dict[str, Any]]
-) -> dict[str, Any] | None:
-    """mergekit 0.1.5 reads gradients at t=0 outside the layers: pin those to the first value."""
+# mergekit 0.1.5 reads gradients at t=0 outside the layers (embeddings, final norm, lm_head),
+# where merge-cli's own gradients give the tensors after the layers the last value: a rule for
+# non-layer tensors pins a gradient to its first value.
 
+
+def _has_gradient(shared: dict[str, Any], models: dict[str, dict[str, Any]]) -> bool:
+    values = [*shared.values(), *(v for m in models.values() for v in m.values())]
+    return any(isinstance(v, list) for v in values)
+
+
+def _first_values(
+    shared: dict[str, Any], models: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     def first(value: Any) -> Any:
         return value[0] if isinstance(value, list) else value
 
-    values = [*shared.values(), *(v for m in models.values() for v in m.values())]
-    if not any(isinstance(v, list) for v in values):
-        return None
-    return _rule(
-        _match(present, non_layer=True),
+    return (
         {k: first(v) for k, v in shared.items()},
-        {name: {k: first(v) for k, v in m.items()} for name, m in models.items() if m},
+        {name: {k: first(v) for k, v in m.items()} for name, m in models.items()},
     )
 
 

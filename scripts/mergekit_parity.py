@@ -181,19 +181,27 @@ def write_config(config: dict, models: Path, path: Path) -> None:
     path.write_text(text.replace("M/", f"{models}/"))
 
 
-def compare(a: Path, b: Path) -> tuple[float, int]:
+def compare(a: Path, b: Path) -> tuple[float, int, str]:
+    """Largest absolute difference, tensor count, and where the differences are."""
     left = read_state_dict(open_checkpoint(str(a)))
     right = read_state_dict(open_checkpoint(str(b)))
     if set(left) != set(right):
         missing = sorted(set(left) ^ set(right))[:5]
         raise SystemExit(f"tensor names differ between {a} and {b}: {missing}")
-    worst = 0.0
+    worst, worst_name, differing, total = 0.0, "", 0, 0
     for name, tensor in left.items():
         other = right[name]
         if tensor.shape != other.shape:
             raise SystemExit(f"{name}: shape {tensor.shape} vs {other.shape}")
-        worst = max(worst, (tensor.double() - other.double()).abs().max().item())
-    return worst, len(left)
+        gap = (tensor.double() - other.double()).abs()
+        differing += int((gap > 1e-6 * (1 + other.double().abs())).sum())
+        total += gap.numel()
+        if gap.max().item() > worst:
+            worst, worst_name = gap.max().item(), name
+    detail = f"{differing}/{total} entries differ beyond 1e-6 (relative)"
+    if differing:
+        detail += f"; largest in {worst_name}"
+    return worst, len(left), detail
 
 
 def main() -> None:
@@ -226,9 +234,9 @@ def main() -> None:
                       f"{done.stderr.strip().splitlines()[-1:]}")  # fmt: skip
                 continue
             run(load_recipe(path, out=str(ours)), RunOptions())
-            worst, count = compare(ours, theirs)
+            worst, count, detail = compare(ours, theirs)
             seconds = time.perf_counter() - started
-            print(f"{label:28s} {worst:28.3e}  {count:7d}  ({seconds:.1f} s)")
+            print(f"{label:28s} {worst:28.3e}  {count:7d}  {detail} ({seconds:.1f} s)")
 
 
 if __name__ == "__main__":
