@@ -192,8 +192,8 @@ def convert_mergekit(path: str | Path, out: str | None = None) -> dict[str, Any]
         raise RecipeError(source, ["merge_method: not a mergekit configuration (no merge_method)"])
     recipe = translate_mergekit(raw, source)
     if out is not None:
-        recipe["save"]["path"] = out
-    recipe_from_dict(recipe, source, out=out or recipe["save"].get("path") or "OUT")
+        recipe.setdefault("save", {})["path"] = out
+    recipe_from_dict(recipe, source, out=out or "OUT")
     return recipe
 
 
@@ -318,7 +318,8 @@ class _Translator:
             "models": {names[ref]: ref for ref in references},
             "fuse": fuse,
         }
-        recipe["save"] = save
+        if save:  # mergekit has no output path: `run --out DIR` gives it
+            recipe["save"] = save
         return recipe
 
     # -- pieces ---------------------------------------------------------------------------
@@ -518,6 +519,11 @@ class _Translator:
                         f"{where}.{key}: {setting!r} is not supported by merge-cli's "
                         f"{method_name} (only {neutral!r}, mergekit's default)"
                     )
+                continue
+            try:
+                _conditions(setting, f"{where}.{key}")
+            except _ParamError as error:
+                self.problems.append(str(error))
                 continue
             mapping = method.values.get(key)
             prepared[key] = _map_values(setting, mapping) if mapping else setting

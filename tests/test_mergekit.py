@@ -73,7 +73,7 @@ def test_models_form_names_references_and_parameters():
     }
     assert fuse["params"] == {"normalize": False, "density": 0.7}  # int8_mask: no effect
     assert "rules" not in fuse
-    assert recipe["save"] == {}
+    assert "save" not in recipe  # the output directory comes from --out
 
 
 def test_base_model_listed_in_models_is_the_base_not_a_fused_model():
@@ -128,6 +128,56 @@ def test_local_paths_stay_local_and_hub_ids_become_hf(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# mergekit's defaults and behaviours
+
+
+def with_base(method: str, **parameters: Any) -> dict[str, Any]:
+    config = {"merge_method": method, "base_model": "org/base", "models": TWO}
+    if parameters:
+        config["parameters"] = parameters
+    return translate(config)["fuse"]
+
+
+def test_dare_uses_mergekits_normalize_default_and_l1_rescale():
+    # mergekit's dare_ties: normalize false, rescale true = match the L1 norm of the task vector.
+    assert with_base("dare_ties")["params"] == {"normalize": False, "rescale": "l1"}
+    assert with_base("dare_linear")["params"] == {"rescale": "l1"}
+    assert with_base("dare_ties", rescale=False, normalize=True)["params"] == {
+        "rescale": False,
+        "normalize": True,
+    }
+    assert with_base("della")["params"] == {"rescale": "l1"}
+    assert with_base("della_linear")["params"] == {"rescale": "l1"}
+
+
+def test_breadcrumbs_keeps_mergekits_empty_tensor_behaviour():
+    assert with_base("breadcrumbs")["params"] == {"empty_without_outliers": True}
+    assert with_base("breadcrumbs_ties")["params"] == {
+        "normalize": False,  # mergekit's breadcrumbs_ties does not normalize
+        "empty_without_outliers": True,
+    }
+
+
+def test_settings_without_effect_are_dropped_and_the_rest_rejected():
+    assert "params" not in with_base("ties", rescale=False, int8_mask=True)
+    fuse = translate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "org/base",
+            "models": [{"model": "org/a", "parameters": {"weight": 1.0, "density": 0.3}}],
+            "parameters": {"rescale": True},
+        }
+    )["fuse"]
+    assert fuse["models"] == {"a": {"weight": 1.0}}  # mergekit ignores density here too
+    assert "params" not in fuse
+    message = problems_of(
+        {"merge_method": "ties", "base_model": "org/b", "models": TWO,
+         "parameters": {"rescale": True}}
+    )  # fmt: skip
+    assert "parameters.rescale: True is not supported by merge-cli's ties" in message
+
+
+# ---------------------------------------------------------------------------------------
 # dtypes
 
 
@@ -143,7 +193,7 @@ def test_local_paths_stay_local_and_hub_ids_become_hf(tmp_path, monkeypatch):
 )
 def test_dtype_and_out_dtype_give_the_save_dtype(keys, expected):
     recipe = translate({"merge_method": "linear", "models": TWO, **keys})
-    assert recipe["save"].get("dtype") == expected
+    assert recipe.get("save", {}).get("dtype") == expected
 
 
 # ---------------------------------------------------------------------------------------
