@@ -20,6 +20,7 @@ from merge_cli.errors import OutputError, PlanError
 from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
 from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
 from merge_cli.fuse.registry import Method
+from merge_cli.fuse.vocab import match_vocabulary
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.io.writer import ShardedWriter
@@ -137,6 +138,9 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
         checkpoints = align_models(recipe, checkpoints, options)
     if recipe.fuse is not None:
         method = method_of(recipe)
+        if recipe.fuse.tokenizer_source == "base":
+            reference = recipe.fuse.base or recipe.fuse.model_names(list(recipe.models))[0]
+            checkpoints = match_vocabulary(checkpoints, reference)
         if method.streaming:
             plan = plan_merge(recipe, checkpoints)
             summary = plan_summary(recipe, plan, checkpoints, options.chunk_bytes)

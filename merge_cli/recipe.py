@@ -82,6 +82,8 @@ class FuseSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     seed: int = 0
+    #: Models with different vocabularies (added tokens): keep the base's (see fuse/vocab.py).
+    tokenizer_source: Literal["base"] | None = None
 
     @field_validator("models", mode="before")
     @classmethod

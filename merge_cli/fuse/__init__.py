@@ -14,6 +14,7 @@ from merge_cli.fuse import (
     model_stock,
     multislerp,
     passthrough,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -32,6 +33,7 @@ _MODULES = [
     slerp,
     multislerp,
     model_stock,
+    sce,
 ]
 
 
@@ -46,7 +48,6 @@ METHODS: dict[str, Method] = {
 
 #: Methods from the design that are not built yet: the recipe check says so by name.
 PLANNED: set[str] = {
-    "sce",
     "greedy_soup", "fisher", "regmean", "adamerging", "curve", "ensemble", "moe", "distill",
 }  # fmt: skip
 

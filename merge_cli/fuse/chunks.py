@@ -35,13 +35,6 @@ def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def flat_indices(job: TensorJob) -> torch.Tensor:
-    """Flat (row-major) index in the full tensor of every element of the chunk, as int64."""
-    count = job.models[0].numel()
-    start = job.rows[0] * row_numel(job.shape)
-    return torch.arange(start, start + count, dtype=torch.int64, device=job.models[0].device)
-
-
 def task_vectors(job: TensorJob) -> list[torch.Tensor]:
     """Each fused model's chunk minus the base model's (Ilharco et al. 2023)."""
     assert job.base is not None, "the method needs a base model"

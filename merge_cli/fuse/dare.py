@@ -29,8 +29,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from merge_cli.fuse.chunks import ChunkPasses, as_rows, flat_indices, task_vectors, whole_sums
-from merge_cli.fuse.hashing import uniform
+from merge_cli.fuse.chunks import ChunkPasses, as_rows, row_numel, task_vectors, whole_sums
+from merge_cli.fuse.hashing import uniform_range
 from merge_cli.fuse.registry import Method, TensorJob
 from merge_cli.fuse.task_arithmetic import combine_task_vectors, task_vector_params
 from merge_cli.fuse.ties import DensityParams
@@ -49,8 +49,10 @@ RESCALE_FIELD = (
 
 def random_keep(job: TensorJob, model_index: int, keep_probability: Any) -> torch.Tensor:
     """Boolean keep mask of model ``model_index``'s chunk: uniform(seed, model, index) < p."""
-    draws = uniform(job.seed, model_index, flat_indices(job)).reshape(job.models[0].shape)
-    return draws < keep_probability
+    chunk = job.models[0]
+    start = job.rows[0] * row_numel(job.shape)
+    draws = uniform_range(job.seed, model_index, start, chunk.numel(), chunk.device)
+    return draws.reshape(chunk.shape) < keep_probability
 
 
 def l1_rescale_factors(

@@ -5,7 +5,8 @@ the mask depend on how the tensor is chunked and on the device; hashing the elem
 index instead gives every element the same draw whether the tensor is processed whole or in
 chunks, on CPU or GPU. The hash is an integer mixer of the xorshift-multiply kind (as in
 murmur3's finalizer) on 32-bit values held in int64, with multipliers below 2**31 so no
-product overflows; all arithmetic is exact and identical on every device.
+product overflows; all arithmetic is exact and identical on every device. The index is
+xored with a key mixed from the seed and stream, so different streams get unrelated draws.
 """
 
 from __future__ import annotations
@@ -17,15 +18,6 @@ _MULTIPLIER_1 = 0x7FEB352D
 _MULTIPLIER_2 = 0x2C1B3C6D
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """Bijective avalanche mix of 32-bit values (in an int64 tensor)."""
-    x = x ^ (x >> 16)
-    x = (x * _MULTIPLIER_1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _MULTIPLIER_2) & _MASK32
-    return x ^ (x >> 16)
-
-
 def _mix_int(x: int) -> int:
     x &= _MASK32
     x ^= x >> 16
@@ -35,19 +27,30 @@ def _mix_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def stream_key(seed: int, stream: int) -> tuple[int, int]:
-    """Two 32-bit keys for one random stream (e.g. one model) of a tensor's seed."""
-    key = _mix_int(seed ^ _mix_int((seed >> 32) ^ _mix_int(stream + 0x9E3779B9)))
-    return key, _mix_int(key + 0x632BE5AB)
+def stream_key(seed: int, stream: int) -> int:
+    """A 32-bit key for one random stream (e.g. one model) of a tensor's seed."""
+    return _mix_int(seed ^ _mix_int((seed >> 32) ^ _mix_int(stream + 0x9E3779B9)))
 
 
-def uniform(seed: int, stream: int, indices: torch.Tensor) -> torch.Tensor:
-    """A float32 in [0, 1) for every int64 element index, fixed by ``(seed, stream, index)``.
+def uniform_range(seed: int, stream: int, start: int, count: int, device=None) -> torch.Tensor:
+    """A float32 in [0, 1) for each flat index in ``[start, start + count)``.
 
-    Values are multiples of 2**-24, so ``uniform(...) < p`` holds with probability ``p``
-    rounded to 24 bits.
+    The value depends only on ``(seed, stream, index)``. It is a multiple of 2**-24, so
+    ``uniform < p`` holds with probability ``p`` rounded to 24 bits. Computed in place on
+    one int64 buffer: about as fast as ``torch.bernoulli``.
     """
-    key_low, key_high = stream_key(seed, stream)
-    hashed = _mix((indices & _MASK32) ^ key_low)
-    hashed = _mix(hashed ^ (((indices >> 32) ^ key_high) & _MASK32))
-    return (hashed >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    key = stream_key(seed, stream)
+    hashed = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    if start + count > 1 << 32:
+        high = hashed >> 32
+        hashed &= _MASK32
+        hashed ^= (high * _MULTIPLIER_2) & _MASK32
+    hashed ^= key
+    hashed *= _MULTIPLIER_1
+    hashed &= _MASK32
+    hashed ^= hashed >> 15
+    hashed *= _MULTIPLIER_2
+    hashed &= _MASK32
+    hashed ^= hashed >> 16
+    hashed >>= 8
+    return hashed.to(torch.float32).mul_(1.0 / (1 << 24))

@@ -14,6 +14,7 @@ import torch
 
 from merge_cli.errors import PlanError
 from merge_cli.fuse.registry import Method
+from merge_cli.fuse.vocab import is_vocab_tensor
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.dtypes import is_float
 
@@ -99,9 +100,15 @@ def aligned_tensors(
                 continue
             other_info = other.info(name)
             if other_info.shape != info.shape:
+                hint = ""
+                if is_vocab_tensor(name) and other_info.shape[1:] == info.shape[1:]:
+                    hint = (
+                        " (the vocabularies differ; set fuse.tokenizer_source: base to keep "
+                        f"{reference!r}'s)"
+                    )
                 problems.append(
                     f"tensor {name!r}: shape {list(other_info.shape)} in model {model!r} "
-                    f"differs from {list(info.shape)} in {reference!r}"
+                    f"differs from {list(info.shape)} in {reference!r}{hint}"
                 )
                 ok = False
         if not ok:

@@ -58,8 +58,11 @@ class TopK:
         equal = keys == self.threshold
         if self.ties_kept == self.ties_total:
             return keep | equal
-        rank = equal.cumsum(0) + self.ties_before[first_row]
-        return keep | (equal & (rank <= self.ties_kept))
+        room = self.ties_kept - self.ties_before[first_row]
+        if room > 0:
+            positions = equal.nonzero().squeeze(1)[:room]
+            keep[positions] = True
+        return keep
 
 
 def _first_from_top(histogram: torch.Tensor, count: int) -> tuple[int, int]:

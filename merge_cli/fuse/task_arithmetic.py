@@ -45,10 +45,10 @@ def task_vector_params(
     )
 
 
-def elected_sign(weighted: list[torch.Tensor]) -> torch.Tensor:
-    """TIES sign election: the sign of the total (weighted) mass per entry; +1 on a tie."""
-    mass = torch.zeros_like(weighted[0])
-    for tensor in weighted:
+def elected_sign(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election: the sign (+1/-1) of the total mass per entry; +1 on a tie."""
+    mass = deltas[0].clone()
+    for tensor in deltas[1:]:
         mass += tensor
     return torch.where(mass >= 0, 1.0, -1.0).to(mass.dtype)
 
@@ -67,21 +67,24 @@ def combine_task_vectors(
     With ``elect_sign`` (TIES's disjoint merge, Yadav et al. 2023) only the entries whose
     sign agrees with the elected sign are summed, and ``normalize`` divides each entry by the
     sum of the weights of the models that agree there (a disjoint mean). Without it,
-    ``normalize`` divides by the sum of all weights.
+    ``normalize`` divides by the sum of all weights. ``deltas`` are overwritten.
     """
     weighted = [delta.mul_(weight) for delta, weight in zip(deltas, weights, strict=True)]
-    merged = torch.zeros_like(base)
     if elect_sign:
         sign = elected_sign(weighted)
-        divisor = torch.zeros_like(base)
+        agreeing = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
         for tensor, weight in zip(weighted, weights, strict=True):
-            agrees = torch.sign(tensor) == sign
-            merged += torch.where(agrees, tensor, 0.0)
-            divisor += agrees * weight
-        if normalize:
-            merged /= torch.where(divisor == 0, 1.0, divisor)
+            aligned = tensor.mul_(sign)  # > 0 exactly where the entry agrees with the sign
+            if divisor is not None:
+                divisor.add_(aligned > 0, alpha=weight)
+            agreeing += aligned.clamp_(min=0)
+        merged = agreeing.mul_(sign)
+        if divisor is not None:
+            merged /= divisor.masked_fill_(divisor == 0, 1.0)
     else:
-        for tensor in weighted:
+        merged = weighted[0]
+        for tensor in weighted[1:]:
             merged += tensor
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:

@@ -47,10 +47,18 @@ def magnitude_top_k(
     models = sorted({model for model, _ in queries})
     series = {model: s for s, model in enumerate(models)}
 
+    whole: list[tuple[int, list[torch.Tensor]]] = []
+
     def keys():
+        if whole:  # a tensor in one chunk: reuse its keys in every pass
+            yield whole[0]
+            return
         for job in passes():
             deltas = task_vectors(job)
-            yield job.rows[0], [magnitude_keys(deltas[model]) for model in models]
+            chunk = job.rows[0], [magnitude_keys(deltas[model]) for model in models]
+            if job.rows == (0, job.shape[0] if job.shape else 0):
+                whole.append(chunk)
+            yield chunk
 
     return select_top_k(keys, [(series[model], k) for model, k in queries])
 
