@@ -7,6 +7,7 @@ problem in a recipe is reported at once and before any tensor is read.
 from __future__ import annotations
 
 from merge_cli import align, evaluate, fuse
+from merge_cli.evaluate.registry import check_eval_spec
 from merge_cli.fuse.params import check_fuse_params
 from merge_cli.recipe import Recipe
 
@@ -83,6 +84,8 @@ def check_recipe_semantics(recipe: Recipe) -> list[str]:
             need_model(f"evaluate[{i}].models", name, allow_merged=True)
         for name in item.between or []:
             need_model(f"evaluate[{i}].between", name, allow_merged=True)
+        if item.metric in evaluate.METRICS:
+            problems += check_eval_spec(recipe, i, item, evaluate.METRICS[item.metric])
 
     if spec is not None and recipe.save is None:
         problems.append("save.path: required to run a fuse stage (or pass --out DIR)")

@@ -119,11 +119,11 @@ def run(
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
     chunk_mb: Annotated[
         int, typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1)
-    ] = 32,
+    ] = 8,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe: load, (align), fuse, save, (evaluate)."""
-    from merge_cli.pipeline import RunOptions
+    from merge_cli.pipeline import REPORT_FILE, RunOptions
     from merge_cli.pipeline import run as run_pipeline
     from merge_cli.recipe import load_recipe
 
@@ -145,6 +145,7 @@ def run(
         "seconds": round(result.seconds, 3),
         "plan": result.plan,
         "evaluation": result.evaluation,
+        "report": result.report,
     }
     if as_json:
         _print_json(payload)
@@ -158,8 +159,48 @@ def run(
             f"  {result.plan['tensors']} tensors, {_human(result.plan['bytes_written'])} in "
             f"{len(result.plan['shards'])} shard(s); read {_human(result.plan['bytes_read'])}"
         )
+    if result.report and result.output:
+        console.print(f"  report: {result.output / REPORT_FILE}")
     if result.evaluation:
         _print_evaluation(result.evaluation)
+
+
+@app.command("eval")
+def eval_(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    merged: Annotated[
+        str | None,
+        typer.Option(
+            help="The fused model to score as `merged` (default: save.path if it exists)."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the JSON report (plots go beside it)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a recipe's evaluate stage alone, on existing checkpoints (no fuse)."""
+    from merge_cli.errors import RecipeError
+    from merge_cli.evaluate.stage import run_evaluation
+    from merge_cli.pipeline import RunOptions
+    from merge_cli.recipe import load_recipe
+
+    def action() -> Any:
+        parsed = load_recipe(recipe, set_, merged)
+        if not parsed.evaluate:
+            raise RecipeError(str(recipe), ["evaluate: the recipe has no evaluate entries"])
+        _check_device(device)
+        options = RunOptions(device=device, progress=RichProgress(not as_json))
+        return run_evaluation(parsed, options, merged, report)
+
+    rows, written = _guarded(as_json, action)
+    if as_json:
+        _print_json({"ok": True, "report": str(written), "evaluation": rows})
+        return
+    _print_evaluation(rows)
 
 
 def _print_evaluation(rows: list[dict[str, Any]]) -> None:
@@ -218,7 +259,13 @@ def plan(
     recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Show what a run will read and write, and the peak memory it expects."""
-    from merge_cli.pipeline import method_of, open_models, plan_merge, plan_summary
+    from merge_cli.pipeline import (
+        method_of,
+        open_models,
+        plan_merge,
+        plan_summary,
+        plan_whole_model,
+    )
     from merge_cli.recipe import load_recipe
 
     def action() -> Any:
@@ -228,12 +275,8 @@ def plan(
             return {"stages": _stages(parsed)}
         method = method_of(parsed)
         if not method.streaming:
-            return {
-                "stages": _stages(parsed),
-                "method": method.name,
-                "streaming": False,
-                "note": "whole-model method: loads the models and the task's data",
-            }
+            whole = plan_whole_model(parsed, checkpoints)
+            return {"stages": _stages(parsed), "streaming": False, **whole}
         summary = plan_summary(parsed, plan_merge(parsed, checkpoints), checkpoints)
         return {"stages": _stages(parsed), "streaming": True, **summary}
 
@@ -245,6 +288,8 @@ def plan(
     if "bytes_read" not in summary:
         if "note" in summary:
             console.print(summary["note"])
+        if "cache_bytes" in summary:
+            console.print(f"statistics caches need ≈ {_human(summary['cache_bytes'])} on disk")
         return
     console.print(
         f"method [bold]{summary['method']}[/bold] on {', '.join(summary['models'])}"
@@ -483,15 +528,15 @@ def _tune_allocator() -> None:
     import ctypes
     import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.system() != "Linux":
         return
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc; absent from musl
+    except (OSError, AttributeError):
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 31)
 
 
 def main() -> None:

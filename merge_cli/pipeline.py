@@ -19,13 +19,16 @@ from merge_cli import __version__, fuse
 from merge_cli.errors import OutputError, PlanError
 from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
 from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
-from merge_cli.fuse.registry import Method
+from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.fuse.vocab import match_vocabulary
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import Recipe
+
+#: File in the output directory holding a whole-model method's report (learned coefficients).
+REPORT_FILE = "merge_report.json"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,21 @@ def plan_summary(
     }
 
 
+def plan_whole_model(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> dict[str, Any]:
+    """What a whole-model method will do, from headers only: models, and cache disk needs."""
+    assert recipe.fuse is not None
+    method = method_of(recipe)
+    summary: dict[str, Any] = {
+        "method": method.name,
+        "models": recipe.fuse.model_names(list(recipe.models)),
+        "base": recipe.fuse.base,
+        "note": "whole-model method: loads the models and the task's data",
+    }
+    if method.cache_bytes is not None:
+        summary["cache_bytes"] = method.cache_bytes(recipe, checkpoints)
+    return summary
+
+
 def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
     """Run every stage of ``recipe``."""
     options = options or RunOptions()
@@ -132,6 +150,7 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
     checkpoints = open_models(recipe)
     output = None
     summary = None
+    report: dict[str, Any] = {}
     if recipe.align is not None:
         from merge_cli.align.stage import align_models
 
@@ -148,13 +167,18 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
         else:
             assert method.fuse_model is not None
             merged = method.fuse_model(recipe, checkpoints, options)
-            output = save_checkpoint(recipe, merged, checkpoints, options)
+            files: dict[str, bytes] = {}
+            if isinstance(merged, ModelFuseResult):
+                merged, report, files = merged.checkpoint, merged.report, merged.files
+            output = save_checkpoint(
+                recipe, merged, checkpoints, options, report=report, files=files
+            )
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
         from merge_cli.evaluate.stage import evaluate_recipe
 
         evaluation = evaluate_recipe(recipe, checkpoints, output, options)
-    return RunResult(output, summary, time.perf_counter() - started, evaluation)
+    return RunResult(output, summary, time.perf_counter() - started, evaluation, report)
 
 
 def save_streaming(
@@ -189,8 +213,14 @@ def save_checkpoint(
     options: RunOptions,
     config_source: str | None = None,
     config_updates: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save a whole-model method's result (any Checkpoint) through the streaming writer."""
+    """Save a whole-model method's result (any Checkpoint) through the streaming writer.
+
+    A non-empty ``report`` is written beside the weights as :data:`REPORT_FILE`, and
+    ``files`` (relative path -> contents) inside the output directory.
+    """
     assert recipe.save is not None and recipe.fuse is not None
     from merge_cli.fuse.passthrough import METHOD as PASSTHROUGH
     from merge_cli.fuse.plan import OutputTensor, split_into_shards
@@ -230,6 +260,10 @@ def save_checkpoint(
             options.progress,
         )
         write_extras(recipe, writer, checkpoints[source], plan.config_updates)
+        if report:
+            writer.write_text(REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        for relative, data in (files or {}).items():
+            writer.write_bytes(relative, data)
         return writer.finish()
 
 

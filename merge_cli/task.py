@@ -160,3 +160,26 @@ def _transformers_model(checkpoint: Checkpoint | None) -> nn.Module:
         ) from error
     config = AutoConfig.from_pretrained(checkpoint.directory, trust_remote_code=False)
     return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
+def to_device(inputs: Any, device: str) -> Any:
+    """Move a batch's inputs (a tensor, or a mapping / sequence of tensors) to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {key: to_device(value, device) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_device(value, device) for value in inputs)
+    return inputs
+
+
+def model_outputs(model: nn.Module, inputs: Any, device: str = "cpu") -> torch.Tensor:
+    """Run ``model`` on one batch's inputs and return its logits.
+
+    A mapping is passed as keyword arguments (a tokenizer's output for a transformers
+    model); anything else as one argument. Outputs with a ``logits`` field (transformers'
+    model outputs) are reduced to it.
+    """
+    inputs = to_device(inputs, device)
+    outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return getattr(outputs, "logits", outputs)

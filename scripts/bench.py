@@ -179,7 +179,9 @@ def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> P
     return path
 
 
-def bench_size(size_gb: float, methods: list[str], root: Path, keep: bool) -> list[dict]:
+def bench_size(
+    size_gb: float, methods: list[str], root: Path, keep: bool, device: str
+) -> list[dict]:
     num_layers = layers_for(size_gb)
     directory = root / f"llama-{size_gb:g}gb"
     models = [directory / name for name in ("a", "b", "c")]
@@ -191,7 +193,17 @@ def bench_size(size_gb: float, methods: list[str], root: Path, keep: bool) -> li
     rows = []
     for method in methods:
         recipe = recipe_for(method, models, out, directory)
-        merge_cmd = [sys.executable, "-m", "merge_cli", "run", str(recipe), "--overwrite"]
+        merge_cmd = [
+            sys.executable,
+            "-m",
+            "merge_cli",
+            "run",
+            str(recipe),
+            "--overwrite",
+            "--device",
+            device,
+            "--json",
+        ]
         for cache in ("cold", "warm"):
             shutil.rmtree(out, ignore_errors=True)
             output_bytes = input_bytes // 3
@@ -242,10 +254,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["linear"])
     parser.add_argument("--root", type=Path, default=Path("bench-data"))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--device", default="cpu", help="merge-cli's --device (cpu or cuda)")
     args = parser.parse_args()
     rows = []
     for size in args.sizes:
-        rows += bench_size(size, args.methods, args.root, args.keep)
+        rows += bench_size(size, args.methods, args.root, args.keep, args.device)
     print()
     print(
         "| input size | method | cache | merge-cli | read+write baseline | ratio "

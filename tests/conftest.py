@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,32 @@ def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     from merge_cli.io.checkpoint import read_state_dict
 
     return read_state_dict(open_checkpoint(str(path)))
+
+
+@contextmanager
+def single_thread():
+    """Run torch on one thread: tiny models train many times faster without thread overhead
+    (and the CI box is small)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def connectivity_models(tmp_path_factory) -> dict[str, Path]:
+    """Digits MLPs of scripts/make_connectivity_models.py: ``mlp_a``/``mlp_b`` (two inits)
+    and ``pretrained`` with its fine-tunes ``ft0``..``ft5``, as safetensors files. Read-only."""
+    script = _load_script("make_connectivity_models")
+    root = tmp_path_factory.mktemp("connectivity_models")
+    with single_thread():
+        return {**script.make_endpoints(root), **script.make_finetunes(root)}
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for this test (see :func:`single_thread`)."""
+    with single_thread():
+        yield

@@ -7,13 +7,18 @@ entry (:class:`~merge_cli.fuse.registry.Method`), then add it to ``_MODULES`` be
 from __future__ import annotations
 
 from merge_cli.fuse import (
+    adamerging,
     breadcrumbs,
+    curve,
     dare,
     della,
+    fisher,
+    greedy_soup,
     linear,
     model_stock,
     multislerp,
     passthrough,
+    regmean,
     sce,
     slerp,
     task_arithmetic,
@@ -34,12 +39,16 @@ _MODULES = [
     multislerp,
     model_stock,
     sce,
+    fisher,
+    regmean,
+    adamerging,
+    greedy_soup,
+    curve,
 ]
 
 
 def _entries(module) -> list[Method]:
     return list(module.METHODS) if hasattr(module, "METHODS") else [module.METHOD]
-
 
 #: Every available fuse method by name.
 METHODS: dict[str, Method] = {
@@ -48,7 +57,7 @@ METHODS: dict[str, Method] = {
 
 #: Methods from the design that are not built yet: the recipe check says so by name.
 PLANNED: set[str] = {
-    "greedy_soup", "fisher", "regmean", "adamerging", "curve", "ensemble", "moe", "distill",
+    "ensemble", "moe", "distill",
 }  # fmt: skip
 
 __all__ = ["METHODS", "PLANNED", "Method", "TensorJob"]

@@ -26,7 +26,7 @@ from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import FuseSpec
 
 #: Default budget for one input chunk, in float32 bytes (rows are grouped up to this size).
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ recipe is loaded) and how the executor drives it:
   iterators so it can make as many passes as it needs before ``merge`` sees the first chunk.
 * **whole-model** methods set ``fuse_model``: they receive the loaded inputs and the task
   and return a checkpoint (usually an :class:`~merge_cli.io.InMemoryCheckpoint`) that the
-  writer saves.
+  writer saves, or a :class:`ModelFuseResult` that adds a report (learned coefficients,
+  statistics used) to the run's report. ``cache_bytes`` estimates, from headers alone, the
+  disk the method's statistics caches need, for ``merge-cli plan``.
 
 ``plan_tensors`` lets a method choose the output tensors itself (passthrough's layer
 stacking); by default every tensor of the first input is merged from the same-named tensor
@@ -21,11 +23,13 @@ of every input.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from merge_cli.io.checkpoint import Checkpoint
 
 
 class NoParams(BaseModel):
@@ -59,6 +63,17 @@ StatisticsFn = Callable[[Callable[[], Iterator[TensorJob]], Any, list[Any]], Any
 
 
 @dataclass(frozen=True)
+class ModelFuseResult:
+    """A whole-model method's result: the merged checkpoint and what the run should report."""
+
+    checkpoint: Checkpoint
+    report: dict[str, Any]
+    #: Extra files saved inside the output directory: relative path -> contents (a curve's
+    #: bend).
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Method:
     """A registry entry: one fusion method and how to run it."""
 
@@ -81,6 +96,8 @@ class Method:
     check: Callable[[Any, list[str]], list[str]] | None = None
     fuse_model: Callable[..., Any] | None = None
     needs_task: bool = False
+    #: (recipe, checkpoints) -> bytes of statistics a whole-model method caches on disk.
+    cache_bytes: Callable[..., int] | None = None
 
     @property
     def streaming(self) -> bool:

@@ -167,6 +167,14 @@ class ShardedWriter:
         except OSError as error:
             raise self._os_error(error, path) from error
 
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        path = self.temp / relative
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as error:
+            raise self._os_error(error, path) from error
+
     def copy_file(self, source: Path, relative: str) -> None:
         try:
             shutil.copyfile(source, self.temp / relative)

@@ -1,0 +1,124 @@
+"""The evaluate stage: runs a recipe's ``evaluate`` entries and writes the JSON report.
+
+Called by the pipeline after the fuse stage (with the fused output as ``merged``) and by
+``merge-cli eval`` on existing checkpoints. The report, ``evaluation.json``, and the plots
+go into the merged model's directory when there is one, else ``save.path`` when it exists,
+else the current directory, unless a report path is given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from merge_cli import __version__
+from merge_cli.errors import CheckpointError, OutputError
+from merge_cli.evaluate import METRICS
+from merge_cli.evaluate.registry import MERGED, EvalContext
+from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.resolve import open_checkpoint
+from merge_cli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from merge_cli.pipeline import RunOptions
+
+REPORT_NAME = "evaluation.json"
+
+
+def default_report_path(recipe: Recipe, merged_path: Path | None) -> Path:
+    if merged_path is not None:
+        return (merged_path if merged_path.is_dir() else merged_path.parent) / REPORT_NAME
+    if recipe.save is not None and Path(recipe.save.path).is_dir():
+        return Path(recipe.save.path) / REPORT_NAME
+    return Path(REPORT_NAME)
+
+
+def evaluate_recipe(
+    recipe: Recipe,
+    checkpoints: dict[str, Checkpoint],
+    merged_path: Path | None,
+    options: RunOptions,
+    report: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Run every ``evaluate`` entry; return the table rows and write the report."""
+    checkpoints = dict(checkpoints)
+    if merged_path is not None:
+        checkpoints[MERGED] = open_checkpoint(str(merged_path))
+    report = report or default_report_path(recipe, merged_path)
+    context = EvalContext(recipe, checkpoints, report.parent, options.device, options.progress)
+    rows: list[dict[str, Any]] = []
+    entries = []
+    for index, spec in enumerate(recipe.evaluate):
+        metric = METRICS[spec.metric]
+        params = metric.params.model_validate(spec.params)
+        options.progress.note(f"evaluate[{index}]: {spec.metric}")
+        result = metric.run(context, spec, params)
+        rows += result.rows
+        entries.append(
+            {
+                "metric": spec.metric,
+                "spec": spec.model_dump(mode="json"),
+                "rows": result.rows,
+                "details": result.details,
+                "plots": [str(plot) for plot in result.plots],
+            }
+        )
+    write_report(
+        report,
+        {
+            "merge_cli": __version__,
+            "merged": str(merged_path) if merged_path is not None else None,
+            "rows": rows,
+            "evaluations": entries,
+        },
+    )
+    options.progress.note(f"evaluation report: {report}")
+    return rows
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null, so the report is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_finite(report), indent=2, ensure_ascii=False) + "\n")
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write the evaluation report ({error})") from error
+
+
+def run_evaluation(
+    recipe: Recipe,
+    options: RunOptions,
+    merged: str | None = None,
+    report: Path | None = None,
+) -> tuple[list[dict[str, Any]], Path]:
+    """``merge-cli eval``: the evaluate stage alone, on existing checkpoints (no fuse).
+
+    ``merged`` is the fused model to score as ``merged`` (default: ``save.path`` when it
+    exists). Alignment runs first when the recipe has it, as in a full run."""
+    from merge_cli.pipeline import open_models
+
+    checkpoints = open_models(recipe)
+    if recipe.align is not None:
+        from merge_cli.align.stage import align_models
+
+        checkpoints = align_models(recipe, checkpoints, options)
+    merged_path = Path(merged) if merged is not None else None
+    if merged_path is None and recipe.save is not None and Path(recipe.save.path).exists():
+        merged_path = Path(recipe.save.path)
+    if merged_path is not None and not merged_path.exists():
+        raise CheckpointError(f"--merged {merged_path}: no such file or directory")
+    report = report or default_report_path(recipe, merged_path)
+    rows = evaluate_recipe(recipe, checkpoints, merged_path, options, report)
+    return rows, report

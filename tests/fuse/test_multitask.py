@@ -1,0 +1,95 @@
+"""Multi-task merging on real data: the orderings the Fisher, RegMean and AdaMerging papers
+report, and the example recipes under recipes/datamerge/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes" / "datamerge").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def multitask_script():
+    path = REPO / "scripts" / "multitask_merging.py"
+    spec = importlib.util.spec_from_file_location("merge_cli_scripts_multitask_merging", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def multitask(tmp_path_factory, multitask_script):
+    """Pre-train, fine-tune on 5 tasks, merge with every method (the benchmark's defaults)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is several times faster
+    try:
+        return multitask_script.benchmark(tmp_path_factory.mktemp("multitask"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def average(outcome, method: str) -> float:
+    return outcome["results"][method]["average"]
+
+
+def test_every_method_is_compared_on_every_task(multitask, multitask_script):
+    results = multitask["results"]
+    expected = {"individual", "simple average", "task arithmetic", "fisher", "regmean"}
+    assert expected | {"adamerging"} <= set(results)
+    for row in results.values():
+        assert set(row) == {*multitask_script.TASKS, "average"}
+        assert all(0.4 <= value <= 1.0 for value in row.values())
+    # merging costs accuracy against each task's own fine-tuned model
+    assert max(average(multitask, m) for m in results if m != "individual") < average(
+        multitask, "individual"
+    )
+
+
+def test_regmean_and_adamerging_beat_task_arithmetic(multitask):
+    assert average(multitask, "regmean") > average(multitask, "task arithmetic")
+    assert average(multitask, "adamerging") > average(multitask, "task arithmetic")
+
+
+def test_fisher_is_at_least_as_good_as_the_simple_average(multitask):
+    assert average(multitask, "fisher") >= average(multitask, "simple average")
+
+
+def test_adamerging_reports_layer_wise_coefficients(multitask, multitask_script):
+    report = multitask["reports"]["adamerging"]
+    assert report["granularity"] == "layer"
+    assert set(report["coefficients"]) == set(multitask_script.TASKS)
+    assert set(report["coefficients"]["wine"]) == {
+        "trunk.0.weight", "trunk.0.bias", "trunk.2.weight", "trunk.2.bias",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_example_recipes_run(recipe, multitask, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipes' task files are relative to the repository
+    overrides = []
+    for name, path in multitask["paths"].items():
+        overrides += ["--set", f"models.{name}.path={path}"]
+    if recipe.stem == "adamerging":
+        overrides += ["--set", "fuse.params.steps=50"]
+    code, out, err = cli("plan", recipe, *overrides, "--out", tmp_path / "out", "--json")
+    assert code == 0, err
+    assert json.loads(out)["cache_bytes"] >= 0
+    code, out, err = cli("run", recipe, *overrides, "--out", tmp_path / "out", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["report"]["method"] == recipe.stem
+    from merge_cli.io import open_checkpoint
+
+    names = open_checkpoint(str(tmp_path / "out")).tensor_names()
+    assert "trunk.0.weight" in names and "heads.wine.head.weight" in names
+    assert "head.weight" not in names
