@@ -20,9 +20,15 @@ What carries over, with mergekit's semantics:
 * ``slices``: one ``layer_range`` per slice with ``passthrough`` is layer stacking
   (passthrough ``slices``); one slice whose sources all cover every layer is the ``models`` form;
 * ``dtype`` (mergekit's load/compute dtype, merge-cli always computes in float32) and
-  ``out_dtype`` give ``save.dtype``; ``int8_mask`` (a mask storage option) has no effect here.
+  ``out_dtype`` give ``save.dtype``; ``int8_mask`` (a mask storage option) has no effect here;
+* ``tokenizer_source: base`` keeps the base model's vocabulary (``fuse.tokenizer_source``,
+  see :mod:`merge_cli.fuse.vocab`: rows by token id, where mergekit maps them by token text);
+* mergekit's defaults where merge-cli's differ (DARE's ``normalize``, ...) are written out,
+  its DARE/DELLA ``rescale: true`` becomes ``rescale: l1`` (its L1-norm matching) and its
+  breadcrumbs get ``empty_without_outliers`` (see the methods' docs).
 
-Anything else (``modules``, ``tokenizer``, ``chat_template``, LoRA references, partial-range
+Anything else (``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union``,
+LoRA references, partial-range
 merges, ``residual_weight``, unknown methods or keys) fails with a :class:`RecipeError` that
 names the key. Model references: a path that exists stays local, ``org/name[@rev]`` becomes
 ``hf://org/name[@rev]``.
@@ -312,7 +318,7 @@ class _Translator:
         dtype = self.save_dtype()
         if dtype is not None:
             save["dtype"] = dtype
-        self.tokenizer_source()
+        self.tokenizer_source(fuse, names[base_ref] if base_ref is not None else None)
         self.fail_if_problems()
         recipe: dict[str, Any] = {
             "models": {names[ref]: ref for ref in references},
@@ -551,13 +557,26 @@ class _Translator:
                 return name
         return None
 
-    def tokenizer_source(self) -> None:
+    def tokenizer_source(self, fuse: dict[str, Any], base_name: str | None) -> None:
+        """``base`` keeps the base model's vocabulary (``fuse.tokenizer_source``)."""
         value = self.raw.get("tokenizer_source")
-        if value is not None:
+        if value is None:
+            return
+        if value != "base":
             self.problems.append(
-                f"tokenizer_source: {value!r} is not supported by merge-cli yet; the models "
-                "must share one vocabulary (remove the key to keep the base model's tokenizer)"
+                f"tokenizer_source: {value!r} is not supported by merge-cli (only base: keep "
+                "the base model's vocabulary; union and a model's tokenizer are not)"
             )
+            return
+        # merge-cli keeps the vocabulary of fuse.base, or else of the first fused model.
+        reference = fuse.get("base") or next(iter(fuse.get("models") or {}), None)
+        if base_name is not None and reference != base_name:
+            self.problems.append(
+                f"tokenizer_source: base with {fuse['method']}, which fuses the base_model as "
+                "one of the models: list the base_model first under models"
+            )
+            return
+        fuse["tokenizer_source"] = "base"
 
 
 # ---------------------------------------------------------------------------------------

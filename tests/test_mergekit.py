@@ -177,6 +177,18 @@ def test_settings_without_effect_are_dropped_and_the_rest_rejected():
     assert "parameters.rescale: True is not supported by merge-cli's ties" in message
 
 
+def test_tokenizer_source_base_keeps_the_base_vocabulary():
+    fuse = with_base("ties")
+    assert "tokenizer_source" not in fuse
+    config = {"merge_method": "ties", "base_model": "org/base", "models": TWO}
+    assert translate({**config, "tokenizer_source": "base"})["fuse"]["tokenizer_source"] == "base"
+    linear = {"merge_method": "linear", "base_model": "org/base", "tokenizer_source": "base"}
+    message = problems_of({**linear, "models": TWO})
+    assert "tokenizer_source: base with linear, which fuses the base_model" in message
+    fuse = translate({**linear, "models": [{"model": "org/base"}, *TWO]})["fuse"]
+    assert fuse["tokenizer_source"] == "base"
+
+
 # ---------------------------------------------------------------------------------------
 # dtypes
 
