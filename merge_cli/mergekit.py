@@ -206,6 +206,11 @@ def convert_mergekit(path: str | Path, out: str | None = None) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------
 
 
+#: A slice source: (model reference, layer range, parameters); a stacked range: (reference, range).
+_Source = tuple[str, tuple[int, int], dict[str, Any]]
+_Stacked = tuple[str, tuple[int, int]]
+
+
 class _Translator:
     def __init__(self, raw: dict[str, Any], source: str):
         self.raw = raw
@@ -385,13 +390,12 @@ class _Translator:
 
     def slices(
         self, slices: Any, method_name: str
-    ) -> tuple[
-        list[tuple[str, dict[str, Any]]], dict[str, Any], list[tuple[str, tuple[int, int]]] | None
-    ]:
+    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], list[_Stacked] | None]:
+        """Inputs and slice parameters, or the layer ranges to stack (passthrough)."""
         if not isinstance(slices, list):
             self.problems.append("slices: expected a list of {sources: [...]}")
             return [], {}, None
-        parsed: list[list[tuple[str, tuple[int, int], dict[str, Any]]]] = []
+        parsed: list[list[_Source]] = []
         slice_params: dict[str, Any] = {}
         for i, piece in enumerate(slices):
             where = f"slices[{i}]"
@@ -420,28 +424,7 @@ class _Translator:
                         f"{where}.parameters: per-slice parameters need a single slice"
                     )
                 slice_params = dict(piece["parameters"])
-            sources = []
-            for j, src in enumerate(piece["sources"]):
-                swhere = f"{where}.sources[{j}]"
-                if not isinstance(src, dict) or "model" not in src:
-                    self.problems.append(f"{swhere}: expected a mapping with model and layer_range")
-                    continue
-                for key in set(src) - {"model", "layer_range", "parameters"}:
-                    self.problems.append(f"{swhere}.{key}: unknown key")
-                layers = src.get("layer_range")
-                if (
-                    not isinstance(layers, list | tuple)
-                    or len(layers) != 2
-                    or not all(isinstance(x, int) for x in layers)
-                ):
-                    self.problems.append(f"{swhere}.layer_range: expected [start, end]")
-                    continue
-                ref = self.reference(src["model"], f"{swhere}.model")
-                params = src.get("parameters") or {}
-                if not isinstance(params, dict):
-                    self.problems.append(f"{swhere}.parameters: expected a mapping")
-                    params = {}
-                sources.append((ref, (layers[0], layers[1]), params))
+            sources = self.slice_sources(piece["sources"], where)
             parsed.append(sources)
         if self.problems:
             return [], {}, None
@@ -477,6 +460,31 @@ class _Translator:
                     "(only passthrough stacks layer ranges)"
                 )
         return [(ref, params) for ref, _layers, params in sources], slice_params, None
+
+    def slice_sources(self, sources: list[Any], where: str) -> list[_Source]:
+        parsed = []
+        for j, src in enumerate(sources):
+            swhere = f"{where}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src:
+                self.problems.append(f"{swhere}: expected a mapping with model and layer_range")
+                continue
+            for key in set(src) - {"model", "layer_range", "parameters"}:
+                self.problems.append(f"{swhere}.{key}: unknown key")
+            layers = src.get("layer_range")
+            if (
+                not isinstance(layers, list | tuple)
+                or len(layers) != 2
+                or not all(isinstance(x, int) for x in layers)
+            ):
+                self.problems.append(f"{swhere}.layer_range: expected [start, end]")
+                continue
+            ref = self.reference(src["model"], f"{swhere}.model")
+            params = src.get("parameters") or {}
+            if not isinstance(params, dict):
+                self.problems.append(f"{swhere}.parameters: expected a mapping")
+                params = {}
+            parsed.append((ref, (layers[0], layers[1]), params))
+        return parsed
 
     def check_names(
         self,

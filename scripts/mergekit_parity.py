@@ -95,6 +95,33 @@ CONFIGS: dict[str, dict] = {
         **MODELS,
         "parameters": {"gamma": 0.05},
     },
+    # DARE and DELLA drop at random (mergekit's torch RNG vs merge-cli's counter hash): compare
+    # everything but the drop, with density 1 (nothing dropped).
+    "dare_ties (density 1)": {
+        "merge_method": "dare_ties",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6, "density": 1.0}},
+            {"model": "M/code", "parameters": {"weight": 0.4, "density": 1.0}},
+        ],
+        "base_model": "M/base",
+    },
+    "dare_linear (density 1)": {
+        "merge_method": "dare_linear",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6, "density": 1.0}},
+            {"model": "M/code", "parameters": {"weight": 0.4, "density": 1.0}},
+        ],
+        "base_model": "M/base",
+        "parameters": {"normalize": True},
+    },
+    "della (density 1)": {
+        "merge_method": "della",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6, "density": 1.0, "epsilon": 0.0}},
+            {"model": "M/code", "parameters": {"weight": 0.4, "density": 1.0, "epsilon": 0.0}},
+        ],
+        "base_model": "M/base",
+    },
     "slerp": {
         "merge_method": "slerp",
         "models": [{"model": "M/base"}, {"model": "M/math"}],
