@@ -557,6 +557,8 @@ def test_every_mergekit_example_runs_and_converts(path, example_dir, cli):
     method = yaml.safe_load(path.read_text())["merge_method"]
     if method not in METHODS:
         pytest.skip(f"{method} is not in merge-cli yet")
+    code, _, stderr = cli("validate", path, "--out", "out")
+    assert code == 0, stderr
     code, stdout, stderr = cli("run", path, "--out", "out", "--json")
     assert code == 0, stderr + stdout
     assert json.loads(stdout)["ok"]
