@@ -61,6 +61,12 @@ CONFIGS: dict[str, dict] = {
         "models": TWO,
     },
     "della": {"merge_method": "della", "base_model": "M/base", "models": TWO},
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "M/base",
+        "models": [{"model": "M/math"}, {"model": "M/code"}],
+        "parameters": {"select_topk": 0.5},
+    },
     "slerp": {
         "merge_method": "slerp",
         "base_model": "M/base",
