@@ -40,6 +40,10 @@ def check_recipe_semantics(recipe: Recipe) -> list[str]:
                 + _unknown("alignment method", recipe.align.method, align.ALIGNERS, align.PLANNED)
             )
         need_model("align.reference", recipe.align.reference)
+        if recipe.align.method in align.ALIGNERS and not problems:
+            from merge_cli.align.checks import check_align
+
+            problems += check_align(recipe)
 
     spec = recipe.fuse
     if spec is not None:

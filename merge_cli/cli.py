@@ -370,6 +370,7 @@ def methods(as_json: JsonOpt = False) -> None:
                 "params": params,
             }
         )
+    entries += _aligner_entries()
     if as_json:
         _print_json(entries)
         return
@@ -386,6 +387,33 @@ def methods(as_json: JsonOpt = False) -> None:
                 f"{p['description']}",
                 highlight=False,
             )
+
+
+def _aligner_entries() -> list[dict[str, Any]]:
+    """``align.method`` choices, listed like fuse methods (family "alignment")."""
+    from merge_cli.align import ALIGNERS
+
+    return [
+        {
+            "name": aligner.name,
+            "family": "alignment",
+            "summary": aligner.summary,
+            "reference": aligner.reference,
+            "needs_base": False,
+            "streaming": True,
+            "params": [
+                {
+                    "name": name,
+                    "scope": "align",
+                    "type": _type_name(field.annotation),
+                    "default": field.get_default(call_default_factory=True),
+                    "description": field.description or "",
+                }
+                for name, field in aligner.params.model_fields.items()
+            ],
+        }
+        for aligner in ALIGNERS.values()
+    ]
 
 
 def _type_name(annotation: Any) -> str:

@@ -17,7 +17,7 @@ import yaml
 
 from merge_cli import __version__, fuse
 from merge_cli.errors import OutputError, PlanError
-from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
+from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, chunk_budget, execute
 from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
 from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.fuse.vocab import match_vocabulary
@@ -72,6 +72,7 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     params = method.params.model_validate(
         {k: v for k, v in spec.params.items() if k in method.params.model_fields}
     )
+    derived = method.derived_inputs(recipe, checkpoints) if method.derived_inputs else None
     return build_plan(
         method,
         params,
@@ -80,6 +81,7 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
         spec.base,
         recipe.save.dtype,
         int(recipe.save.shard_size),
+        derived,
     )
 
 
@@ -91,6 +93,7 @@ def plan_summary(
 ) -> dict[str, Any]:
     """Bytes read and written, shards, and the expected peak memory of a streaming run."""
     method = method_of(recipe)
+    checkpoints = plan.sources(checkpoints)
     read = 0
     largest_chunk = 0
     for tensor in plan.tensors:
@@ -105,7 +108,8 @@ def plan_summary(
             // max(1, tensor.shape[0] if tensor.shape else 1),
         )
         rows = tensor.shape[0] if tensor.shape else 1
-        chunk_elems = min(rows, max(1, chunk_bytes // (4 * row_elems))) * row_elems
+        budget = chunk_budget(method, chunk_bytes)
+        chunk_elems = min(rows, max(1, budget // (4 * row_elems))) * row_elems
         largest_chunk = max(largest_chunk, chunk_elems * len(sources))
     # per input element in flight: raw read (<=4 B) + float32 copy (4 B); x2 for read-ahead;
     # plus the float32 result and its cast. The interpreter and torch add ~0.3 GB.
@@ -170,9 +174,18 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
             files: dict[str, bytes] = {}
             if isinstance(merged, ModelFuseResult):
                 merged, report, files = merged.checkpoint, merged.report, merged.files
-            output = save_checkpoint(
-                recipe, merged, checkpoints, options, report=report, files=files
+            # A method that writes its own output layout (an ensemble directory) returns its path.
+            output = (
+                merged
+                if isinstance(merged, Path)
+                else save_checkpoint(
+                    recipe, merged, checkpoints, options, report=report, files=files
+                )
             )
+        if recipe.align is not None and recipe.align.repair:
+            from merge_cli.align.stage import repair_output
+
+            output = repair_output(recipe, checkpoints, output, options)
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
         from merge_cli.evaluate.stage import evaluate_recipe
@@ -197,7 +210,7 @@ def save_streaming(
             plan,
             method,
             recipe.fuse,
-            checkpoints,
+            plan.sources(checkpoints),
             writer,
             ExecutionOptions(device=options.device, chunk_bytes=options.chunk_bytes),
             options.progress,

@@ -65,14 +65,22 @@ class EvalContext:
     report_dir: Path
     device: str
     progress: Progress
+    #: Models that are ensemble directories (``merged`` of an ``ensemble`` fuse): scored as
+    #: one module, but they have no single checkpoint for weight-space metrics.
+    ensembles: dict[str, Path] = field(default_factory=dict)
     _scores: dict[tuple[str, str, str], Scores] = field(default_factory=dict)
 
     def default_models(self) -> list[str]:
         return [n for n in self.checkpoints if n != MERGED] + (
-            [MERGED] if MERGED in self.checkpoints else []
+            [MERGED] if MERGED in self.checkpoints or MERGED in self.ensembles else []
         )
 
     def checkpoint(self, name: str) -> Checkpoint:
+        if name in self.ensembles:
+            raise TaskError(
+                f"evaluate: {name!r} is an ensemble directory ({self.ensembles[name]}); "
+                "weight-space metrics and paths need a single checkpoint"
+            )
         if name not in self.checkpoints:
             raise TaskError(
                 f"evaluate: no {name!r} model to evaluate"
@@ -94,6 +102,11 @@ class EvalContext:
     def load(self, name: str, task: Task, dtype: torch.dtype | None = None) -> nn.Module:
         """``name``'s weights in ``task``'s model (cast to ``dtype`` when given, before the
         weights are copied in), on the evaluation device."""
+        if name in self.ensembles:
+            from merge_cli.fuse.ensemble import load_ensemble
+
+            ensemble = load_ensemble(self.ensembles[name], device=self.device)
+            return (ensemble if dtype is None else ensemble.to(dtype)).eval()
         checkpoint = self.checkpoint(name)
         model = task.build_model(checkpoint)
         if dtype is not None:

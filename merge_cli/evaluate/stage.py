@@ -17,6 +17,7 @@ from merge_cli import __version__
 from merge_cli.errors import CheckpointError, OutputError
 from merge_cli.evaluate import METRICS
 from merge_cli.evaluate.registry import MERGED, EvalContext
+from merge_cli.fuse.ensemble import is_ensemble
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.recipe import Recipe
@@ -44,10 +45,15 @@ def evaluate_recipe(
 ) -> list[dict[str, Any]]:
     """Run every ``evaluate`` entry; return the table rows and write the report."""
     checkpoints = dict(checkpoints)
-    if merged_path is not None:
+    ensembles = {}
+    if merged_path is not None and is_ensemble(merged_path):
+        ensembles[MERGED] = merged_path
+    elif merged_path is not None:
         checkpoints[MERGED] = open_checkpoint(str(merged_path))
     report = report or default_report_path(recipe, merged_path)
-    context = EvalContext(recipe, checkpoints, report.parent, options.device, options.progress)
+    context = EvalContext(
+        recipe, checkpoints, report.parent, options.device, options.progress, ensembles
+    )
     rows: list[dict[str, Any]] = []
     entries = []
     for index, spec in enumerate(recipe.evaluate):

@@ -12,10 +12,13 @@ from merge_cli.fuse import (
     curve,
     dare,
     della,
+    distill,
+    ensemble,
     fisher,
     greedy_soup,
     linear,
     model_stock,
+    moe,
     multislerp,
     passthrough,
     regmean,
@@ -44,11 +47,15 @@ _MODULES = [
     adamerging,
     greedy_soup,
     curve,
+    ensemble,
+    moe,
+    distill,
 ]
 
 
 def _entries(module) -> list[Method]:
     return list(module.METHODS) if hasattr(module, "METHODS") else [module.METHOD]
+
 
 #: Every available fuse method by name.
 METHODS: dict[str, Method] = {
@@ -56,8 +63,6 @@ METHODS: dict[str, Method] = {
 }
 
 #: Methods from the design that are not built yet: the recipe check says so by name.
-PLANNED: set[str] = {
-    "ensemble", "moe", "distill",
-}  # fmt: skip
+PLANNED: set[str] = set()
 
 __all__ = ["METHODS", "PLANNED", "Method", "TensorJob"]

@@ -35,7 +35,7 @@ from merge_cli.fuse.registry import Method, TensorJob
 from merge_cli.fuse.task_arithmetic import combine_task_vectors, task_vector_params
 from merge_cli.fuse.ties import DensityParams
 
-Rescale = bool | Literal["l1"]
+Rescale = Literal[True, False, "l1"]
 
 RESCALE_FIELD = (
     Rescale,

@@ -36,6 +36,16 @@ class ExecutionOptions:
     prefetch: bool = True
 
 
+#: Methods with whole-tensor statistics read a chunked tensor once per pass; a larger chunk
+#: budget lets most tensors fit one chunk, so they are read once and the passes reuse it.
+STATISTICS_CHUNK_FACTOR = 8
+
+
+def chunk_budget(method: Method, chunk_bytes: int) -> int:
+    """The per-input chunk budget the executor uses for ``method``."""
+    return chunk_bytes * (STATISTICS_CHUNK_FACTOR if method.statistics is not None else 1)
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed that depends only on the recipe seed and the tensor name."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62
@@ -119,7 +129,9 @@ def _units(plan: MergePlan, method: Method, options: ExecutionOptions) -> list[_
     units = []
     for tensor in plan.tensors:
         chunks = row_chunks(
-            tensor.shape, options.chunk_bytes, method.chunkable or tensor.copy_from is not None
+            tensor.shape,
+            chunk_budget(method, options.chunk_bytes),
+            method.chunkable or tensor.copy_from is not None,
         )
         whole = len(chunks) == 1
         units += [_Unit(tensor, rows, whole) for rows in chunks]
@@ -195,7 +207,9 @@ def _chunk_factory(
     """A factory of fresh passes over a large tensor's chunks (for whole-tensor statistics)."""
 
     def passes() -> Iterator[TensorJob]:
-        for rows in row_chunks(tensor.shape, options.chunk_bytes, method.chunkable):
+        for rows in row_chunks(
+            tensor.shape, chunk_budget(method, options.chunk_bytes), method.chunkable
+        ):
             yield to_job(rows, _read_unit(checkpoints, _Unit(tensor, rows, False)))
 
     return passes

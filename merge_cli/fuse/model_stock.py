@@ -55,7 +55,10 @@ def _statistics(passes: ChunkPasses, params: ModelStockParams, _models: Any) -> 
 def _merge(job: TensorJob, params: ModelStockParams, _models: Any, ratio: Any) -> torch.Tensor:
     assert job.base is not None
     deltas = task_vectors(job)
-    mean = torch.stack(deltas).mean(0)
+    mean = deltas[0].clone()
+    for delta in deltas[1:]:
+        mean += delta
+    mean /= len(deltas)
     if ratio is None:
         t = interpolation_ratio(gram_per_row(deltas)).to(mean.dtype)
         return (as_rows(mean) * t[:, None]).reshape(mean.shape).add_(job.base)

@@ -51,6 +51,12 @@ class MergePlan:
     #: Model whose config/tokenizer files are copied to the output.
     config_source: str
     config_updates: dict[str, Any] = field(default_factory=dict)
+    #: Lazy inputs the method derives from the models (see ``Method.derived_inputs``).
+    derived: dict[str, Checkpoint] = field(default_factory=dict)
+
+    def sources(self, checkpoints: dict[str, Checkpoint]) -> dict[str, Checkpoint]:
+        """Every checkpoint the plan reads from: the inputs and the derived ones."""
+        return {**checkpoints, **self.derived}
 
     @property
     def bytes_written(self) -> int:
@@ -165,13 +171,15 @@ def build_plan(
     base: str | None,
     save_dtype: str,
     shard_size: int,
+    derived: dict[str, Checkpoint] | None = None,
 ) -> MergePlan:
     """The whole plan for a streaming method, from checkpoint headers only."""
     config_updates: dict[str, Any] = {}
     config_source = base or model_names[0]
+    derived = derived or {}
     if method.plan_tensors is not None:
         tensors, config_updates, config_source = method.plan_tensors(
-            checkpoints, model_names, base, params, save_dtype
+            {**checkpoints, **derived}, model_names, base, params, save_dtype
         )
     else:
         tensors = aligned_tensors(checkpoints, model_names, base, save_dtype)
@@ -184,4 +192,5 @@ def build_plan(
         base=base,
         config_source=config_source,
         config_updates=config_updates,
+        derived=derived,
     )

@@ -12,12 +12,16 @@ recipe is loaded) and how the executor drives it:
 * **whole-model** methods set ``fuse_model``: they receive the loaded inputs and the task
   and return a checkpoint (usually an :class:`~merge_cli.io.InMemoryCheckpoint`) that the
   writer saves, or a :class:`ModelFuseResult` that adds a report (learned coefficients,
-  statistics used) to the run's report. ``cache_bytes`` estimates, from headers alone, the
-  disk the method's statistics caches need, for ``merge-cli plan``.
+  statistics used) to the run's report, or the path of an output they wrote themselves
+  (an ensemble directory), staged in a temporary sibling directory like every other output.
+  ``cache_bytes`` estimates, from headers alone, the disk the method's statistics caches
+  need, for ``merge-cli plan``.
 
 ``plan_tensors`` lets a method choose the output tensors itself (passthrough's layer
 stacking); by default every tensor of the first input is merged from the same-named tensor
-of every input.
+of every input. ``derived_inputs`` adds lazy inputs that a method computes from the models
+(MoE router weights): they are built from headers when the plan is made, read like any
+other input during the stream, and so never break the plan-before-read contract.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class Method:
     #: models"), run with the other checks before any tensor is read.
     check: Callable[[Any, list[str]], list[str]] | None = None
     fuse_model: Callable[..., Any] | None = None
+    #: (recipe, checkpoints) -> {source name: lazy Checkpoint} for ``plan_tensors`` to copy from
+    derived_inputs: Callable[..., Any] | None = None
     needs_task: bool = False
     #: (recipe, checkpoints) -> bytes of statistics a whole-model method caches on disk.
     cache_bytes: Callable[..., int] | None = None

@@ -36,7 +36,15 @@ class SceParams(BaseModel):
 
 
 def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(deltas).var(0, unbiased=False)
+    """Per-entry population variance across the models (elementwise: no strided reduction)."""
+    mean = deltas[0].clone()
+    for delta in deltas[1:]:
+        mean += delta
+    mean /= len(deltas)
+    variance = torch.zeros_like(mean)
+    for delta in deltas:
+        variance += (delta - mean).square_()
+    return variance.div_(len(deltas))
 
 
 def _selected(job: TensorJob, top: TopK | None) -> list[torch.Tensor]:

@@ -9,12 +9,13 @@ bit pattern, read as an integer, orders like the value, so:
    that holds the k-th largest value;
 2. a second pass histograms the low 16 bits of the values in that bin: that gives the exact
    k-th largest value (the *threshold*) and how many values equal it;
-3. only when the values equal to the threshold are more than the top k still has room for,
-   a third pass counts them per chunk, so that ties are broken by flat index (earlier first)
-   the same way however the tensor is chunked.
+3. when the values equal to the threshold are more than the top k still has room for, ties
+   are broken by flat index (earlier first), the same way however the tensor is chunked:
+   each chunk's low histogram from pass 2 says how many ties lie before it.
 
-The memory held is two histograms per query, whatever the tensor's size; the time is a few
-linear passes (no sort).
+The memory held is two histograms per query plus, per chunk, the values of its own that fall
+in the threshold's high bin (a thin slice: at most 65,536 counts); the time is two linear
+passes (no sort).
 """
 
 from __future__ import annotations
@@ -54,13 +55,12 @@ class TopK:
             return torch.zeros_like(keys, dtype=torch.bool)
         if self.k >= self.numel:
             return torch.ones_like(keys, dtype=torch.bool)
-        keep = keys > self.threshold
-        equal = keys == self.threshold
         if self.ties_kept == self.ties_total:
-            return keep | equal
+            return keys >= self.threshold
+        keep = keys > self.threshold
         room = self.ties_kept - self.ties_before[first_row]
         if room > 0:
-            positions = equal.nonzero().squeeze(1)[:room]
+            positions = (keys == self.threshold).nonzero().squeeze(1)[:room]
             keep[positions] = True
         return keep
 
@@ -103,32 +103,30 @@ def select_top_k(passes: KeyPasses, queries: list[tuple[int, Callable[[int], int
         return [results[i] for i in range(len(queries))]
 
     low = {i: torch.zeros(LOW_BINS, dtype=torch.int64) for i in open_queries}
-    for _, keys in passes():
+    # Each chunk's low histogram too (its non-zero bins): once the threshold is known, they
+    # say how many of its ties lie in the chunks before each chunk, without another pass.
+    per_chunk: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {
+        i: [] for i in open_queries
+    }
+    for first_row, keys in passes():
         for i, (series, _, bin_index, _) in open_queries.items():
             key = keys[series]
             in_bin = key[(key >> 16) == bin_index] & 0xFFFF
-            low[i] += torch.bincount(in_bin, minlength=LOW_BINS).cpu()
+            histogram = torch.bincount(in_bin, minlength=LOW_BINS).cpu()
+            low[i] += histogram
+            present = histogram.nonzero().squeeze(1)
+            per_chunk[i].append((first_row, present.to(torch.int32), histogram[present]))
 
-    tied: dict[int, tuple[int, int]] = {}
     for i, (series, k, bin_index, above) in open_queries.items():
         low_index, above_low = _first_from_top(low[i], k - above)
-        threshold = (bin_index << 16) | low_index
         ties_total = int(low[i][low_index])
         ties_kept = k - above - above_low
-        results[i] = TopK(k, counts[series], threshold, ties_kept, ties_total)
+        ties_before: dict[int, int] = {}
         if ties_kept < ties_total:
-            tied[i] = (series, threshold)
-
-    if tied:
-        before = {i: {} for i in tied}
-        seen = dict.fromkeys(tied, 0)
-        for first_row, keys in passes():
-            for i, (series, threshold) in tied.items():
-                before[i][first_row] = seen[i]
-                seen[i] += int((keys[series] == threshold).sum())
-        for i in tied:
-            top = results[i]
-            results[i] = TopK(
-                top.k, top.numel, top.threshold, top.ties_kept, top.ties_total, before[i]
-            )
+            seen = 0
+            for first_row, present, counts_present in per_chunk[i]:
+                ties_before[first_row] = seen
+                seen += int(counts_present[present == low_index].sum())
+        threshold = (bin_index << 16) | low_index
+        results[i] = TopK(k, counts[series], threshold, ties_kept, ties_total, ties_before)
     return [results[i] for i in range(len(queries))]

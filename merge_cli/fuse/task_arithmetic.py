@@ -69,7 +69,10 @@ def combine_task_vectors(
     sum of the weights of the models that agree there (a disjoint mean). Without it,
     ``normalize`` divides by the sum of all weights. ``deltas`` are overwritten.
     """
-    weighted = [delta.mul_(weight) for delta, weight in zip(deltas, weights, strict=True)]
+    weighted = [
+        delta if weight == 1 else delta.mul_(weight)
+        for delta, weight in zip(deltas, weights, strict=True)
+    ]
     if elect_sign:
         sign = elected_sign(weighted)
         agreeing = torch.zeros_like(base)

@@ -16,6 +16,8 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -195,13 +197,7 @@ class ShardedWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             self.write_text(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
         try:
-            if self.target.exists():
-                old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-                os.replace(self.target, old)
-                os.replace(self.temp, self.target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.temp, self.target)
+            move_into_place(self.temp, self.target)
         except OSError as error:
             raise self._os_error(error, self.target) from error
         return self.target
@@ -215,3 +211,51 @@ class ShardedWriter:
         else:
             reason = error.strerror or str(error)
         return OutputError(f"{path}: cannot write ({reason}); nothing was written at {self.target}")
+
+
+def move_into_place(temp: Path, target: Path) -> None:
+    """Rename the finished ``temp`` directory to ``target``, replacing an old one."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+        os.replace(temp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, target)
+
+
+@contextmanager
+def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling of ``target`` to fill; renamed to ``target`` when the block succeeds.
+
+    For outputs made of several checkpoints (an ensemble's members, each written by a
+    :class:`ShardedWriter` inside the staged directory): like a single checkpoint, the
+    target is never left half-written, and an existing target is replaced only with
+    ``overwrite``.
+    """
+    if target.exists() and not overwrite:
+        raise OutputError(
+            f"{target}: output already exists; pass --overwrite to replace it, "
+            "or choose another --out"
+        )
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a directory")
+    temp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
+    except OSError as error:
+        raise OutputError(f"{temp}: cannot write ({error.strerror or error})") from error
+    try:
+        yield temp
+        move_into_place(temp, target)
+    except OSError as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise OutputError(
+            f"{target}: cannot write ({error.strerror or error}); nothing was written there"
+        ) from error
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
