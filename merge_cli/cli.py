@@ -319,6 +319,25 @@ def _stages(recipe: Any) -> list[str]:
 
 
 @app.command()
+def convert(
+    config: Annotated[Path, typer.Argument(help="A mergekit configuration (YAML).")],
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the recipe v1 equivalent of a mergekit configuration."""
+    import yaml
+
+    from merge_cli.mergekit import convert_mergekit
+
+    raw = _guarded(as_json, lambda: convert_mergekit(config, out))
+    if as_json:
+        _print_json(raw)
+        return
+    print(f"# merge-cli recipe converted from the mergekit configuration {config}")
+    print(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None), end="")
+
+
+@app.command()
 def methods(as_json: JsonOpt = False) -> None:
     """List every fusion method and its parameters."""
     from merge_cli.fuse import METHODS

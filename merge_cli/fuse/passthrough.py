@@ -4,7 +4,9 @@ Layer stacking builds a deeper model from slices of others (the "frankenmerge" o
 SOLAR 10.7B, Kim et al. 2023, "SOLAR 10.7B: Scaling LLMs with simple yet effective depth
 up-scaling"; mergekit's ``passthrough`` with ``slices``). Layers are renumbered in output
 order and ``num_hidden_layers`` in config.json is updated. Tensors outside the layers
-(embeddings, final norm, lm_head) come from the base model, or the first slice's model.
+(embeddings, final norm, lm_head) come from the base model, or the first slice's model;
+``head_from`` takes those after the layers (final norm, lm_head) from another model, as
+mergekit does with the last slice's model.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ class PassthroughParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slices: list[LayerSlice] | None = Field(
         None, description="layer ranges to stack, in output order; absent: copy one model"
+    )
+    head_from: str | None = Field(
+        None,
+        description="model whose tensors after the layers (final norm, lm_head) are copied; "
+        "absent: the same model as the embeddings",
     )
 
 
@@ -97,6 +104,8 @@ def _plan_tensors(
                 f"fuse.params.slices[{i}].layers: {list(piece.layers)} is out of range; "
                 f"model {piece.model!r} has {available} layers"
             )
+    if params.head_from is not None and params.head_from not in checkpoints:
+        problems.append(f"fuse.params.head_from: no model named {params.head_from!r}")
     if problems:
         raise PlanError("\n".join(problems))
     source = base or params.slices[0].model
@@ -107,10 +116,13 @@ def _plan_tensors(
     )
     before = [n for n in outer if names_by_model[source].index(n) < first_layer]
     after = [n for n in outer if n not in before]
+    head = params.head_from or source
+    if head != source:
+        after = [n for n in names_by_model[head] if layer_index(n) is None and n not in before]
     layers = stacked_layer_sources(params.slices, names_by_model)
     tensors = [copied(n, source, n) for n in before]
     tensors += [copied(out, model, name) for out, model, name in layers]
-    tensors += [copied(n, source, n) for n in after]
+    tensors += [copied(n, head, n) for n in after]
     num_layers = sum(end - start for start, end in (p.layers for p in params.slices))
     return tensors, {"num_hidden_layers": num_layers}, source
 

@@ -1,0 +1,639 @@
+"""mergekit configurations: translation to recipe v1 and end-to-end runs on tiny Llamas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from unittest.mock import patch
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict
+
+from merge_cli.errors import RecipeError
+from merge_cli.fuse import METHODS
+from merge_cli.fuse.params import layer_index, layer_position, resolve_params
+from merge_cli.fuse.registry import Method
+from merge_cli.mergekit import MERGEKIT_METHODS, MergekitMethod, translate_mergekit
+from merge_cli.recipe import FuseSpec, load_recipe, recipe_from_dict
+from tests.conftest import load_safetensors_dir
+
+REPO = Path(__file__).resolve().parents[1]
+MERGEKIT_RECIPES = sorted((REPO / "recipes" / "mergekit").glob("*.yaml"))
+
+
+def translate(config: dict[str, Any]) -> dict[str, Any]:
+    return translate_mergekit(config, "mk.yaml")
+
+
+def problems_of(config: dict[str, Any]) -> str:
+    with pytest.raises(RecipeError) as caught:
+        translate(config)
+    return str(caught.value)
+
+
+TWO = [{"model": "org/math"}, {"model": "org/code"}]
+
+
+# ---------------------------------------------------------------------------------------
+# Models, base model, references
+
+
+def test_models_form_names_references_and_parameters():
+    recipe = translate(
+        {
+            "merge_method": "ties",
+            "base_model": "org/base@v1",
+            "models": [
+                {"model": "org/base"},
+                {"model": "org/math", "parameters": {"weight": 0.6, "density": 0.5}},
+                {"model": "other/math", "parameters": {"weight": 0.4}},
+            ],
+            "parameters": {"normalize": False, "int8_mask": True, "density": 0.7},
+        }
+    )
+    assert recipe["models"] == {
+        "base": "hf://org/base",
+        "math": "hf://org/math",
+        "math_2": "hf://other/math",
+        "base_2": "hf://org/base@v1",
+    }
+    fuse = recipe["fuse"]
+    assert fuse["method"] == "ties"
+    assert fuse["base"] == "base_2"
+    # org/base (no revision) is a different model from the base org/base@v1: it is fused.
+    assert fuse["models"] == {
+        "base": {},
+        "math": {"weight": 0.6, "density": 0.5},
+        "math_2": {"weight": 0.4},
+    }
+    assert fuse["params"] == {"normalize": False, "density": 0.7}  # int8_mask: no effect
+    assert "rules" not in fuse
+    assert "save" not in recipe  # the output directory comes from --out
+
+
+def test_base_model_listed_in_models_is_the_base_not_a_fused_model():
+    recipe = translate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "org/base",
+            "models": [{"model": "org/base", "parameters": {"weight": 1.0}}, *TWO],
+        }
+    )
+    assert recipe["fuse"]["base"] == "base"
+    assert list(recipe["fuse"]["models"]) == ["math", "code"]
+    assert list(recipe["models"]) == ["base", "math", "code"]
+
+
+def test_methods_that_ignore_the_base_fuse_it_like_mergekit():
+    recipe = translate({"merge_method": "linear", "base_model": "org/base", "models": TWO})
+    assert "base" not in recipe["fuse"]
+    assert list(recipe["fuse"]["models"]) == ["math", "code", "base"]
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_optional_base_methods_use_it_only_when_given(with_base):
+    config = {"merge_method": "nuslerp", "models": TWO}
+    if with_base:
+        config["base_model"] = "org/base"
+    fuse = translate(config)["fuse"]
+    assert fuse.get("base") == ("base" if with_base else None)
+    assert list(fuse["models"]) == ["math", "code"]
+
+
+def test_local_paths_stay_local_and_hub_ids_become_hf(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    recipe = translate(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": "org/local"},
+                {"model": "org/remote@abc123"},
+                {"model": {"model": {"path": "org/dict", "revision": "main"}}},
+                {"model": "./some/missing/dir"},
+            ],
+        }
+    )
+    assert recipe["models"] == {
+        "local": "org/local",
+        "remote": "hf://org/remote@abc123",
+        "dict": "hf://org/dict@main",
+        "dir": "./some/missing/dir",
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# mergekit's defaults and behaviours
+
+
+def with_base(method: str, **parameters: Any) -> dict[str, Any]:
+    config = {"merge_method": method, "base_model": "org/base", "models": TWO}
+    if parameters:
+        config["parameters"] = parameters
+    return translate(config)["fuse"]
+
+
+def test_dare_uses_mergekits_normalize_default_and_l1_rescale():
+    # mergekit's dare_ties: normalize false, rescale true = match the L1 norm of the task vector.
+    assert with_base("dare_ties")["params"] == {"normalize": False, "rescale": "l1"}
+    assert with_base("dare_linear")["params"] == {"rescale": "l1"}
+    assert with_base("dare_ties", rescale=False, normalize=True)["params"] == {
+        "rescale": False,
+        "normalize": True,
+    }
+    assert with_base("della")["params"] == {"rescale": "l1"}
+    assert with_base("della_linear")["params"] == {"rescale": "l1"}
+
+
+def test_breadcrumbs_keeps_mergekits_empty_tensor_behaviour():
+    assert with_base("breadcrumbs")["params"] == {"empty_without_outliers": True}
+    assert with_base("breadcrumbs_ties")["params"] == {
+        "normalize": False,  # mergekit's breadcrumbs_ties does not normalize
+        "empty_without_outliers": True,
+    }
+
+
+def test_settings_without_effect_are_dropped_and_the_rest_rejected():
+    assert "params" not in with_base("ties", rescale=False, int8_mask=True)
+    fuse = translate(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "org/base",
+            "models": [{"model": "org/a", "parameters": {"weight": 1.0, "density": 0.3}}],
+            "parameters": {"rescale": True},
+        }
+    )["fuse"]
+    assert fuse["models"] == {"a": {"weight": 1.0}}  # mergekit ignores density here too
+    assert "params" not in fuse
+    message = problems_of(
+        {"merge_method": "ties", "base_model": "org/b", "models": TWO,
+         "parameters": {"rescale": True}}
+    )  # fmt: skip
+    assert "parameters.rescale: True is not supported by merge-cli's ties" in message
+
+
+def test_tokenizer_source_base_keeps_the_base_vocabulary():
+    fuse = with_base("ties")
+    assert "tokenizer_source" not in fuse
+    config = {"merge_method": "ties", "base_model": "org/base", "models": TWO}
+    assert translate({**config, "tokenizer_source": "base"})["fuse"]["tokenizer_source"] == "base"
+    linear = {"merge_method": "linear", "base_model": "org/base", "tokenizer_source": "base"}
+    message = problems_of({**linear, "models": TWO})
+    assert "tokenizer_source: base with linear, which fuses the base_model" in message
+    fuse = translate({**linear, "models": [{"model": "org/base"}, *TWO]})["fuse"]
+    assert fuse["tokenizer_source"] == "base"
+
+
+# ---------------------------------------------------------------------------------------
+# dtypes
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({}, None),
+        ({"dtype": "bfloat16"}, "bfloat16"),
+        ({"dtype": "torch.float16"}, "float16"),
+        ({"dtype": "float64", "out_dtype": "bfloat16"}, "bfloat16"),
+        ({"dtype": "float32", "out_dtype": "float16"}, "float16"),
+    ],
+)
+def test_dtype_and_out_dtype_give_the_save_dtype(keys, expected):
+    recipe = translate({"merge_method": "linear", "models": TWO, **keys})
+    assert recipe.get("save", {}).get("dtype") == expected
+
+
+# ---------------------------------------------------------------------------------------
+# Slices
+
+
+def test_passthrough_slices_become_layer_stacking():
+    recipe = translate(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "org/a", "layer_range": [0, 3]}]},
+                {"sources": [{"model": "org/b", "layer_range": [1, 4]}]},
+                {"sources": [{"model": "org/a", "layer_range": [3, 4]}]},
+            ],
+        }
+    )
+    assert recipe["models"] == {"a": "hf://org/a", "b": "hf://org/b"}
+    assert recipe["fuse"] == {
+        "method": "passthrough",
+        "params": {
+            "slices": [
+                {"model": "a", "layers": [0, 3]},
+                {"model": "b", "layers": [1, 4]},
+                {"model": "a", "layers": [3, 4]},
+            ]
+        },
+    }
+
+
+def test_passthrough_head_comes_from_the_last_slice_model():
+    recipe = translate(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "org/a", "layer_range": [0, 2]}]},
+                {"sources": [{"model": "org/b", "layer_range": [2, 4]}]},
+            ],
+        }
+    )
+    assert recipe["fuse"]["params"]["head_from"] == "b"
+
+
+def test_one_slice_over_all_layers_is_the_models_form(tiny_llamas):
+    recipe = translate(
+        {
+            "merge_method": "slerp",
+            "base_model": str(tiny_llamas["base"]),
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(tiny_llamas["base"]), "layer_range": [0, 4]},
+                        {"model": str(tiny_llamas["math"]), "layer_range": [0, 4]},
+                    ],
+                    "parameters": {"t": 0.3},
+                }
+            ],
+            "parameters": {"t": 0.9},
+        }
+    )
+    assert recipe["fuse"]["base"] == "base"
+    assert recipe["fuse"]["models"] == {"math": {}}
+    assert recipe["fuse"]["params"] == {"t": 0.3}  # the slice's value comes before the top's
+
+
+# ---------------------------------------------------------------------------------------
+# Errors name the key
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"merge_method": "nearswap", "models": TWO}, "merge_method: 'nearswap' is not supported"),
+        ({"merge_method": "linear", "models": TWO, "modules": {}}, "modules: per-module"),
+        ({"merge_method": "linear", "models": TWO, "tokenizer": {"source": "base"}}, "tokenizer:"),
+        ({"merge_method": "linear", "models": TWO, "chat_template": "chatml"}, "chat_template:"),
+        ({"merge_method": "linear", "models": TWO, "output": "x"}, "output: unknown key"),
+        (
+            {"merge_method": "linear", "models": [{"model": "org/a+org/lora"}]},
+            "models[0].model: 'org/a+org/lora': LoRA",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": {"model": "org/a", "lora": "x"}}]},
+            "models[0].model.lora: LoRA",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "org/a", "weight": 1}]},
+            "models[0].weight: unknown key",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "org/b",
+                "models": [{"model": "org/a", "parameters": {"normalize": True}}],
+            },
+            "models[0].parameters.normalize: a method-wide parameter",
+        ),  # fmt: skip
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "org/b",
+                "models": TWO,
+                "parameters": {"densty": 0.5},
+            },
+            "parameters.densty: mergekit's ties has no such parameter",
+        ),  # fmt: skip
+        ({"merge_method": "ties", "models": TWO}, "base_model: mergekit's ties needs a base_model"),
+        ({"merge_method": "linear"}, "models: a mergekit configuration needs models or slices"),
+        (
+            {"merge_method": "linear", "models": TWO, "parameters": {"weight": [True, False]}},
+            "parameters.weight: [True, False]: a list of non-numbers",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "models": TWO,
+                "parameters": {"weight": [{"filter": "mlp", "value": 1, "when": 2}]},
+            },
+            "parameters.weight[0].when: unknown key",
+        ),  # fmt: skip
+        ({"merge_method": "linear", "models": TWO, "dtype": "int8"}, "dtype: 'int8' is not"),
+        ({"merge_method": "linear", "models": TWO, "dtype": "float64"}, "dtype: merge-cli cannot"),
+        (
+            {"merge_method": "linear", "models": TWO, "tokenizer_source": "union"},
+            "tokenizer_source: 'union' is not supported",
+        ),
+        (
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {"sources": [{"model": "org/a", "layer_range": [0, 2]}], "residual_weight": 0.5}
+                ],
+            },
+            "slices[0].residual_weight: not supported",
+        ),  # fmt: skip
+        (
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "org/a", "layer_range": [0, 2], "parameters": {"scale": 0.0}}
+                        ]
+                    }
+                ],
+            },
+            "slices[0].sources[0].parameters.scale: passthrough parameters",
+        ),  # fmt: skip
+        (
+            {
+                "merge_method": "linear",
+                "slices": [
+                    {"sources": [{"model": "org/a", "layer_range": [0, 2]}]},
+                    {"sources": [{"model": "org/a", "layer_range": [2, 4]}]},
+                ],
+            },
+            "slices: merging several slices with linear is not supported",
+        ),  # fmt: skip
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "org/a"}]}]},
+            "slices[0].sources[0].layer_range: expected [start, end]",
+        ),
+    ],
+)
+def test_unsupported_keys_fail_naming_the_key(config, message):
+    assert f"mk.yaml: {message}" in problems_of(config)
+
+
+def test_a_layer_sub_range_merge_fails_naming_the_key(tiny_llamas):
+    message = problems_of(
+        {
+            "merge_method": "linear",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(tiny_llamas["math"]), "layer_range": [0, 2]},
+                        {"model": str(tiny_llamas["code"]), "layer_range": [0, 2]},
+                    ]
+                }
+            ],
+        }
+    )
+    assert "slices[0].sources[0].layer_range: [0, 2] does not cover all 4 layers" in message
+
+
+def test_method_parameters_unknown_to_merge_cli_fail_at_validation():
+    raw = translate({"merge_method": "linear", "models": TWO, "parameters": {"normalize": "maybe"}})
+    with pytest.raises(RecipeError, match="fuse.params.normalize"):
+        recipe_from_dict(raw, "mk.yaml", out="out")
+
+
+# ---------------------------------------------------------------------------------------
+# Filters and gradients: translated rules give mergekit's value for every tensor
+
+LAYERS = 4
+NAMES = [
+    "model.embed_tokens.weight",
+    *(
+        f"model.layers.{i}.{part}"
+        for i in range(LAYERS)
+        for part in (
+            "self_attn.q_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+            "input_layernorm.weight",
+        )
+    ),
+    "model.norm.weight",
+    "lm_head.weight",
+]
+
+
+class Shared(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    t: float = -1.0
+    u: float = -2.0
+
+
+class PerModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = -3.0
+    density: float = -4.0
+
+
+FAKE_MERGEKIT = MergekitMethod("ignored", ("t", "u"), ("weight", "density"))
+FAKE = Method(
+    name="fake", family="weight_average", summary="", reference="", params=Shared,
+    model_params=PerModel,
+)  # fmt: skip
+
+
+def mergekit_value(setting: Any, name: str, t: float) -> Any:
+    """mergekit 0.1.5's ``evaluate_setting`` (independent re-statement, numbers only)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or flt in name:
+                return mergekit_value(cond["value"], name, t)
+        return None
+    if isinstance(setting, list):
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        return (1 - (scaled - i0)) * setting[i0] + (scaled - i0) * setting[i1]
+    return setting
+
+
+def mergekit_resolve(name, key, chain, default, t):
+    for level in chain:
+        if level and key in level:
+            value = mergekit_value(level[key], name, t)
+            if value is not None:
+                return value
+    return default
+
+
+FILTERS = ["self_attn", "mlp", "proj", "layers.1.", "norm"]
+values = st.one_of(
+    st.integers(0, 9).map(float),
+    st.lists(st.integers(0, 9).map(float), min_size=2, max_size=4),
+)
+conditional = st.lists(
+    st.fixed_dictionaries(
+        {"value": values},
+        optional={"filter": st.sampled_from([*FILTERS, "*"])},
+    ),
+    min_size=1,
+    max_size=3,
+)
+setting = st.one_of(values, conditional)
+param_sets = st.dictionaries(st.sampled_from(["t", "u", "weight", "density"]), setting, max_size=3)
+model_sets = st.dictionaries(st.sampled_from(["weight", "density"]), setting, max_size=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(top=param_sets, first=model_sets, second=model_sets)
+def test_translated_filters_and_gradients_resolve_like_mergekit(top, first, second):
+    config = {
+        "merge_method": "fake",
+        "models": [
+            {"model": "org/a", "parameters": first},
+            {"model": "org/b", "parameters": second},
+        ],
+        "parameters": top,
+    }
+    with patch.dict(MERGEKIT_METHODS, {"fake": FAKE_MERGEKIT}):
+        raw = translate(config)
+    spec = FuseSpec.model_validate(raw["fuse"])
+    for name in NAMES:
+        index = layer_index(name)
+        t = 0.0 if index is None else index / (LAYERS - 1)  # mergekit: t=0 outside the layers
+        ours = resolve_params(spec, FAKE, ["a", "b"], name, layer_position(name, LAYERS))
+        for key, default in (("t", -1.0), ("u", -2.0)):
+            expected = mergekit_resolve(name, key, [top], default, t)
+            assert getattr(ours.method, key) == pytest.approx(expected), (name, key)
+        for model, own in zip(ours.models, (first, second), strict=True):
+            for key, default in (("weight", -3.0), ("density", -4.0)):
+                expected = mergekit_resolve(name, key, [own, top], default, t)
+                assert getattr(model, key) == pytest.approx(expected), (name, key, raw)
+
+
+def test_filters_become_the_fewest_rules_that_give_mergekits_values():
+    fuse = translate(
+        {
+            "merge_method": "linear",
+            "models": [
+                {
+                    "model": "org/a",
+                    "parameters": {
+                        "weight": [
+                            {"filter": "self_attn", "value": 0.2},
+                            {"filter": "mlp", "value": 0.7},
+                            {"value": 0.5},
+                        ]
+                    },
+                },
+                {"model": "org/b", "parameters": {"weight": 0.5}},
+            ],
+        }
+    )["fuse"]
+    assert fuse["models"] == {"a": {"weight": 0.5}, "b": {"weight": 0.5}}
+    # A name with both filters takes self_attn's value (listed first): no combined rule needed.
+    assert fuse["rules"] == [
+        {"match": "*self_attn*", "models": {"a": {"weight": 0.2}}},
+        {"match": "*mlp*", "models": {"a": {"weight": 0.7}}},
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end on tiny Llama checkpoints
+
+
+@pytest.fixture
+def example_dir(tmp_path, monkeypatch, tiny_llamas):
+    """A working directory where examples/models/{base,math,code} are the tiny Llamas."""
+    models = tmp_path / "examples" / "models"
+    models.mkdir(parents=True)
+    for name, path in tiny_llamas.items():
+        (models / name).symlink_to(path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("path", MERGEKIT_RECIPES, ids=lambda p: p.stem)
+def test_every_mergekit_example_runs_and_converts(path, example_dir, cli):
+    method = yaml.safe_load(path.read_text())["merge_method"]
+    if method not in METHODS:
+        pytest.skip(f"{method} is not in merge-cli yet")
+    code, _, stderr = cli("validate", path, "--out", "out")
+    assert code == 0, stderr
+    code, stdout, stderr = cli("run", path, "--out", "out", "--json")
+    assert code == 0, stderr + stdout
+    assert json.loads(stdout)["ok"]
+    merged = load_safetensors_dir(example_dir / "out")
+    assert "lm_head.weight" in merged
+
+    code, stdout, stderr = cli("convert", path)
+    assert code == 0, stderr
+    converted = example_dir / "converted.yaml"
+    converted.write_text(stdout)
+    code, _, stderr = cli("run", converted, "--out", "out2")
+    assert code == 0, stderr
+    again = load_safetensors_dir(example_dir / "out2")
+    assert merged.keys() == again.keys()
+    for name in merged:
+        assert torch.equal(merged[name], again[name]), name
+
+
+def test_linear_example_matches_a_hand_computed_merge(example_dir, tiny_llamas, cli):
+    code, _, stderr = cli("run", REPO / "recipes/mergekit/linear.yaml", "--out", "out")
+    assert code == 0, stderr
+    merged = load_safetensors_dir(example_dir / "out")
+    math = load_safetensors_dir(tiny_llamas["math"])
+    code_model = load_safetensors_dir(tiny_llamas["code"])
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16
+        weight = 0.6
+        if "self_attn" in name:
+            weight = 0.2 + 0.6 * layer_index(name) / 3
+        expected = (weight * math[name].float() + 0.4 * code_model[name].float()) / (weight + 0.4)
+        torch.testing.assert_close(tensor.float(), expected, rtol=2**-8, atol=1e-6)  # bf16 rounding
+
+
+def test_passthrough_example_stacks_layers_like_mergekit(example_dir, tiny_llamas, cli):
+    code, _, stderr = cli("run", REPO / "recipes/mergekit/passthrough.yaml", "--out", "out")
+    assert code == 0, stderr
+    merged = load_safetensors_dir(example_dir / "out")
+    math = load_safetensors_dir(tiny_llamas["math"])
+    code_model = load_safetensors_dir(tiny_llamas["code"])
+    config = json.loads((example_dir / "out" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    q = "self_attn.q_proj.weight"
+    for out_layer, (source, layer) in enumerate(
+        [(math, 0), (math, 1), (math, 2), (code_model, 1), (code_model, 2), (code_model, 3)]
+    ):
+        assert torch.equal(
+            merged[f"model.layers.{out_layer}.{q}"], source[f"model.layers.{layer}.{q}"]
+        )
+    assert torch.equal(merged["model.embed_tokens.weight"], math["model.embed_tokens.weight"])
+    assert torch.equal(merged["lm_head.weight"], code_model["lm_head.weight"])
+    assert torch.equal(merged["model.norm.weight"], code_model["model.norm.weight"])
+
+
+def test_run_without_out_names_save_path(example_dir, cli):
+    code, _, stderr = cli("run", REPO / "recipes/mergekit/linear.yaml")
+    assert code == 2
+    assert "save.path" in stderr
+
+
+def test_convert_prints_json_and_overrides_apply(example_dir, cli):
+    path = REPO / "recipes/mergekit/linear.yaml"
+    code, stdout, _ = cli("convert", path, "--json", "--out", "merged")
+    assert code == 0
+    recipe = json.loads(stdout)
+    assert recipe["save"] == {"dtype": "bfloat16", "path": "merged"}
+    assert recipe["models"] == {"math": "examples/models/math", "code": "examples/models/code"}
+    parsed = load_recipe(path, ["fuse.models.code.weight=0.9"], "out")
+    assert parsed.fuse.models["code"] == {"weight": 0.9}
+
+
+def test_convert_reports_errors_with_exit_code(example_dir, cli):
+    bad = example_dir / "bad.yaml"
+    bad.write_text("merge_method: linear\nmodels: [{model: a/b}]\nchat_template: chatml\n")
+    code, _, stderr = cli("convert", bad)
+    assert code == 2
+    assert "chat_template" in stderr
+    code, stdout, _ = cli("convert", bad, "--json")
+    assert code == 2 and not json.loads(stdout)["ok"]
