@@ -1,7 +1,8 @@
 """Real-data task for recipes and tests: scikit-learn's handwritten digits (ships offline).
 
-``task.model: recipes/tasks/digits.py:build_mlp`` and ``task.data: recipes/tasks/digits.py:data``
-in a recipe. ``task.params`` are passed to both (e.g. ``{hidden: 256, depth: 3, task: parity}``).
+``task.model: recipes/tasks/digits.py:build_mlp`` (or ``build_cnn``, a BatchNorm CNN) and
+``task.data: recipes/tasks/digits.py:data`` in a recipe. ``task.params`` are passed to both
+(e.g. ``{hidden: 256, depth: 3, task: parity}``).
 
 Splits are fixed (seeded): 60 % train, 20 % val, 20 % test of the 1,797 images.
 Tasks (``task`` parameter) relabel the same images, for multi-task merging experiments:
@@ -83,6 +84,29 @@ def build_mlp(
     layers.append(nn.Linear(width, TASK_CLASSES[task]))
     model = nn.Sequential()
     model.add_module("layers", nn.Sequential(*layers))
+    return model
+
+
+def build_cnn(width: int = 32, task: str = "digits") -> nn.Sequential:
+    """A BatchNorm CNN on the 8x8 images: conv 1 -> width -> 2 width (3x3, BatchNorm, ReLU),
+    global average pooling, linear -> classes. Takes the flat [B, 64] images of :func:`data`;
+    names ``layers.{i}.weight`` (the built-in ``cnn`` spec)."""
+    model = nn.Sequential()
+    model.add_module(
+        "layers",
+        nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, TASK_CLASSES[task]),
+        ),
+    )
     return model
 
 
