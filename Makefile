@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python scripts/make_example_models.py examples/models
 	$(BIN)/merge-cli run recipes/examples/linear.yaml --out examples/merged --overwrite
-	$(BIN)/merge-cli inspect examples/merged
+	$(BIN)/merge-cli inspect examples/merged --limit 8
+	$(BIN)/merge-cli diff examples/models/math examples/merged --limit 8
 
 test: venv
 	$(BIN)/ruff check merge_cli tests scripts recipes

@@ -19,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from merge_cli import __version__
 from merge_cli.errors import MergeCliError
@@ -474,7 +474,8 @@ def inspect(
         f"{_human(total)} in {max(1, len(shards))} file(s); dtypes: "
         + ", ".join(f"{k} ({v:,})" for k, v in dtypes.items())
     )
-    table = Table("tensor", "shape", "dtype", "size", "shard")
+    table = Table("shape", "dtype", "size", "shard")
+    table.columns.insert(0, Column("tensor", overflow="fold"))
     shown = infos if limit == 0 else infos[:limit]
     for info in shown:
         table.add_row(
@@ -507,7 +508,8 @@ def diff(
     if as_json:
         _print_json([row.as_dict() for row in rows])
         return
-    table = Table("tensor", "shape", "cosine", "relative L2", "max |a-b|")
+    table = Table("shape", "cosine", "relative L2", "max |a-b|")
+    table.columns.insert(0, Column("tensor", overflow="fold"))
     shown = rows if limit == 0 else rows[:limit]
     for row in shown:
         table.add_row(
