@@ -254,7 +254,8 @@ def format_validation_errors(error: ValidationError) -> list[str]:
             suggestion = _suggest(loc[-1]) if loc else ""
             problems.append(f"{where}: unknown key{suggestion}")
         elif item["type"] == "missing":
-            problems.append(f"{where}: required key is missing")
+            hint = " (or pass --out DIR)" if where == "save.path" else ""
+            problems.append(f"{where}: required key is missing{hint}")
         else:
             problems.append(f"{where}: {item['msg']}, got {_short(item.get('input'))}")
     return list(dict.fromkeys(problems))

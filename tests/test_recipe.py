@@ -134,3 +134,12 @@ def test_unavailable_stage_method_is_a_clear_error():
         recipe_from_dict(
             {"models": {"a": "./a"}, "align": {"method": "teleport"}, "save": {"path": "o"}}
         )
+
+
+def test_save_without_path_suggests_out():
+    with pytest.raises(
+        RecipeError, match=r"save.path: required key is missing \(or pass --out DIR\)"
+    ):
+        recipe_from_dict(
+            {"models": {"a": "./a"}, "fuse": {"method": "linear"}, "save": {"dtype": "float32"}}
+        )
