@@ -173,6 +173,19 @@ def to_device(inputs: Any, device: str) -> Any:
     return inputs
 
 
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor, a transformers output's ``.logits``, or the
+    first element of a tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TaskError(f"cannot find logits in a model's output ({type(outputs).__name__})")
+
+
 def model_outputs(model: nn.Module, inputs: Any, device: str = "cpu") -> torch.Tensor:
     """Run ``model`` on one batch's inputs and return its logits.
 
@@ -182,4 +195,4 @@ def model_outputs(model: nn.Module, inputs: Any, device: str = "cpu") -> torch.T
     """
     inputs = to_device(inputs, device)
     outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return getattr(outputs, "logits", outputs)
+    return logits_of(outputs)

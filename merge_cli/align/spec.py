@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merge_cli.errors import PlanError, RecipeError
 from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.task import logits_of
 
 Role = Literal["out", "in"]
 
@@ -457,9 +458,9 @@ def check_spec(
     """
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
-    before = _logits(model(inputs))
+    before = logits_of(model(inputs))
     model.load_state_dict(permute_state_dict(state, spec, random_permutations(spec, seed)))
-    after = _logits(model(inputs))
+    after = logits_of(model(inputs))
     model.load_state_dict(state)
     difference = float((before - after).abs().max())
     if not difference <= atol * max(1.0, float(before.abs().max())):
@@ -468,7 +469,3 @@ def check_spec(
             f"the outputs by up to {difference:.3g}"
         )
     return difference
-
-
-def _logits(output: object) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output  # type: ignore[union-attr,return-value]

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from merge_cli.connect.path import combine, curve_coefficients
 from merge_cli.progress import NullProgress, Progress
-from merge_cli.task import LossFn, to_device
+from merge_cli.task import LossFn, logits_of, to_device
 
 
 def _outputs(model: nn.Module, params: dict[str, torch.Tensor], inputs: Any) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _outputs(model: nn.Module, params: dict[str, torch.Tensor], inputs: Any) -> 
         outputs = functional_call(model, params, args=(), kwargs=inputs)
     else:
         outputs = functional_call(model, params, (inputs,))
-    return getattr(outputs, "logits", outputs)
+    return logits_of(outputs)
 
 
 def train_bend(

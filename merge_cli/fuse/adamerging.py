@@ -30,11 +30,12 @@ from torch.func import functional_call
 
 from merge_cli.errors import PlanError
 from merge_cli.fuse.heads import is_head, shared_trunk, with_heads
-from merge_cli.fuse.model_data import DataParams, fused_names, logits_of, method_params, task_of
+from merge_cli.fuse.model_data import DataParams, fused_names, method_params, task_of
 from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import Recipe
+from merge_cli.task import logits_of
 
 
 class AdaMergingParams(DataParams):

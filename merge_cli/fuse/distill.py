@@ -33,13 +33,12 @@ from merge_cli.fuse.ensemble import (
     data_task,
     ensemble_weights,
     load_members,
-    output_logits,
 )
 from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import Recipe
-from merge_cli.task import Batch, LossFn, Task
+from merge_cli.task import Batch, LossFn, Task, logits_of
 
 
 class DistillParams(BaseModel):
@@ -96,7 +95,7 @@ def held_out_check(
     classify = True
     for inputs, targets in batches:
         inputs, targets = _to(inputs, device), targets.to(device)
-        logits = output_logits(student(inputs))
+        logits = logits_of(student(inputs))
         total += float(loss(logits, targets)) * len(targets)
         examples += len(targets)
         if logits.shape[:-1] != targets.shape:
@@ -149,7 +148,7 @@ def distill(
             inputs, targets = _to(inputs, device), targets.to(device)
             with torch.no_grad():
                 soft = teacher(inputs)
-            logits = output_logits(student(inputs))
+            logits = logits_of(student(inputs))
             objective = (1 - params.alpha) * distillation_loss(logits, soft, params.temperature)
             if params.alpha:
                 objective = objective + params.alpha * loss(logits, targets)

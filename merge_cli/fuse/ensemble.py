@@ -49,7 +49,7 @@ from merge_cli.fuse.registry import Method
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.writer import staged_directory
 from merge_cli.recipe import Recipe, TaskSpec
-from merge_cli.task import Batch, Task
+from merge_cli.task import Batch, Task, logits_of
 
 MANIFEST = "ensemble.json"
 FORMAT = "merge-cli-ensemble"
@@ -78,18 +78,6 @@ class EnsembleModelParams(BaseModel):
 
 # ---------------------------------------------------------------------------------------
 # Combining outputs
-
-
-def output_logits(output: Any) -> torch.Tensor:
-    """The logits in a model's output: a tensor, or a transformers output's ``.logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TaskError(f"ensemble: cannot find logits in a member's output ({type(output).__name__})")
 
 
 def combine_outputs(
@@ -130,7 +118,7 @@ class Ensemble(nn.Module):
         self.register_buffer("weights", torch.tensor([v / total for v in values]))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        logits = [output_logits(member(*args, **kwargs)) for member in self.members.values()]
+        logits = [logits_of(member(*args, **kwargs)) for member in self.members.values()]
         return combine_outputs(logits, self.combine, self.weights)
 
 
@@ -168,7 +156,7 @@ def member_probabilities(
         inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
         rows = []
         for member in members:
-            logits, flat = flat_outputs(output_logits(member(inputs)).cpu(), targets.cpu(), loss)
+            logits, flat = flat_outputs(logits_of(member(inputs)).cpu(), targets.cpu(), loss)
             rows.append(logits.softmax(-1))
         probabilities.append(torch.stack(rows))
         all_targets.append(flat)

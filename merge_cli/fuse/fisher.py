@@ -33,7 +33,6 @@ from merge_cli.fuse.model_data import (
     WeightParams,
     float_bytes,
     fused_names,
-    logits_of,
     method_params,
     take_examples,
     task_of,
@@ -48,7 +47,7 @@ from merge_cli.fuse.stats_cache import (
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import Recipe
-from merge_cli.task import Batch, LossFn
+from merge_cli.task import Batch, LossFn, logits_of
 
 #: Examples per vectorised per-example-gradient call (bounds memory to this many gradients).
 MICRO_BATCH = 16

@@ -99,11 +99,6 @@ def take_examples(batches: Iterable[Batch], limit: int | None) -> list[Batch]:
     return taken
 
 
-def logits_of(outputs: Any) -> torch.Tensor:
-    """A model's output tensor (Hugging Face models return an object with ``.logits``)."""
-    return outputs if isinstance(outputs, torch.Tensor) else outputs.logits
-
-
 def float_bytes(checkpoint: Checkpoint, names: Iterable[str], per_element: int = 4) -> int:
     """Bytes of float32 statistics the size of ``names``'s floating-point tensors."""
     total = 0
