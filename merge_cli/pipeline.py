@@ -202,19 +202,39 @@ def save_streaming(
 ) -> Path:
     """Execute a streaming merge into the recipe's output directory."""
     assert recipe.save is not None and recipe.fuse is not None
+    return _write_plan(
+        recipe,
+        plan,
+        method,
+        plan.sources(checkpoints),
+        checkpoints[plan.config_source],
+        options,
+        ExecutionOptions(device=options.device, chunk_bytes=options.chunk_bytes),
+    )
+
+
+def _write_plan(
+    recipe: Recipe,
+    plan: MergePlan,
+    method: Method,
+    sources: dict[str, Checkpoint],
+    config_source: Checkpoint,
+    options: RunOptions,
+    execution: ExecutionOptions,
+    report: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
+) -> Path:
+    """Run ``plan`` into the recipe's output directory (temp sibling, renamed when done)."""
+    assert recipe.save is not None and recipe.fuse is not None
     target = Path(recipe.save.path)
     shards = [[TensorInfo(t.name, t.shape, t.dtype) for t in shard] for shard in plan.shards]
     with ShardedWriter(target, shards, plan.shard_file_names(), options.overwrite) as writer:
-        execute(
-            plan,
-            method,
-            recipe.fuse,
-            plan.sources(checkpoints),
-            writer,
-            ExecutionOptions(device=options.device, chunk_bytes=options.chunk_bytes),
-            options.progress,
-        )
-        write_extras(recipe, writer, checkpoints[plan.config_source], plan.config_updates)
+        execute(plan, method, recipe.fuse, sources, writer, execution, options.progress)
+        write_extras(recipe, writer, config_source, plan.config_updates)
+        if report:
+            writer.write_text(REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        for relative, data in (files or {}).items():
+            writer.write_bytes(relative, data)
         return writer.finish()
 
 
@@ -259,24 +279,17 @@ def save_checkpoint(
         config_updates=config_updates or {},
     )
     source = config_source or recipe.fuse.base or recipe.fuse.model_names(list(recipe.models))[0]
-    target = Path(recipe.save.path)
-    shards = [[TensorInfo(t.name, t.shape, t.dtype) for t in shard] for shard in plan.shards]
-    with ShardedWriter(target, shards, plan.shard_file_names(), options.overwrite) as writer:
-        execute(
-            plan,
-            PASSTHROUGH,
-            recipe.fuse,
-            {"merged": merged},
-            writer,
-            ExecutionOptions(device="cpu", chunk_bytes=options.chunk_bytes),
-            options.progress,
-        )
-        write_extras(recipe, writer, checkpoints[source], plan.config_updates)
-        if report:
-            writer.write_text(REPORT_FILE, json.dumps(report, indent=2) + "\n")
-        for relative, data in (files or {}).items():
-            writer.write_bytes(relative, data)
-        return writer.finish()
+    return _write_plan(
+        recipe,
+        plan,
+        PASSTHROUGH,
+        {"merged": merged},
+        checkpoints[source],
+        options,
+        ExecutionOptions(device="cpu", chunk_bytes=options.chunk_bytes),
+        report,
+        files,
+    )
 
 
 def write_extras(
