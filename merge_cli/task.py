@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -52,6 +53,26 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
+def load_module(path: str | Path, what: str = "module") -> ModuleType:
+    """Import a Python file by path, once per process (later calls return the same module)."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise TaskError(f"{what}: no such file {path}")
+    name = "merge_cli_user_" + hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, resolved)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            del sys.modules[name]
+            raise TaskError(f"{what}: importing {path} failed: {error!r}") from error
+    return module
+
+
 def load_callable(reference: str, what: str) -> Callable[..., Any]:
     """Import ``module:function`` or ``path/to/file.py:function``."""
     target, sep, attribute = reference.rpartition(":")
@@ -60,21 +81,7 @@ def load_callable(reference: str, what: str) -> Callable[..., Any]:
             f"{what}: expected 'module:function' or 'file.py:function', got {reference!r}"
         )
     if target.endswith(".py"):
-        path = Path(target).expanduser().resolve()
-        if not path.exists():
-            raise TaskError(f"{what}: no such file {target}")
-        name = "merge_cli_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        module = sys.modules.get(name)
-        if module is None:
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-            except Exception as error:
-                del sys.modules[name]
-                raise TaskError(f"{what}: importing {target} failed: {error!r}") from error
+        module = load_module(target, what)
     else:
         try:
             module = importlib.import_module(target)

@@ -13,8 +13,6 @@ The tests (tests/align/test_digits.py) import this module and assert on its numb
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -30,18 +28,14 @@ from merge_cli.align.zipit import partial_zip
 from merge_cli.connect.interpolate import interpolate_state_dicts, loss_barrier
 from merge_cli.io.checkpoint import InMemoryCheckpoint, read_state_dict
 from merge_cli.recipe import TaskSpec
-from merge_cli.task import Task
+from merge_cli.task import Task, load_module
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_FILE = REPO / "recipes" / "tasks" / "digits.py"
 
 
 def digits_module():
-    spec = importlib.util.spec_from_file_location("merge_cli_tasks_digits", DIGITS_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(DIGITS_FILE)
 
 
 DIGITS = digits_module()

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from merge_cli.task import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = {"0-3": (0, 1, 2, 3), "4-6": (4, 5, 6), "7-9": (7, 8, 9)}
@@ -39,13 +39,7 @@ PRETRAIN_IMAGES = 150
 
 
 def _digits():
-    name = "merge_cli_tasks_digits"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "recipes/tasks/digits.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_module(REPO / "recipes" / "tasks" / "digits.py")
 
 
 def _group_batches(split: str, classes: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:

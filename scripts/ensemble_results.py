@@ -9,7 +9,6 @@ ensemble and distillation recipes through merge-cli, and score everything on the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from merge_cli.task import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,12 +37,7 @@ STUDENT = {"model": "recipes/tasks/digits.py:build_mlp", "params": {"hidden": 32
 
 
 def members_module():
-    spec = importlib.util.spec_from_file_location(
-        "merge_cli_recipes_ensemble_members", REPO / "recipes" / "ensemble" / "members.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "recipes" / "ensemble" / "members.py")
 
 
 @torch.no_grad()

@@ -15,12 +15,12 @@ All are saved as safetensors files under the output directory; training is seede
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from merge_cli.task import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 #: The MLP of the recipes (task.params there must match).
@@ -31,13 +31,7 @@ FINETUNES = [(1e-3, 10), (3e-3, 10), (5e-4, 20), (2e-3, 15), (1e-3, 25), (3e-2, 
 
 def digits_module():
     """recipes/tasks/digits.py, imported by path."""
-    name = "merge_cli_tasks_digits"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "recipes/tasks/digits.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_module(REPO / "recipes" / "tasks" / "digits.py")
 
 
 def _save(model: torch.nn.Module, path: Path) -> Path:

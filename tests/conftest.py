@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,17 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from merge_cli.task import load_module
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_script(name: str):
-    path = REPO / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"merge_cli_scripts_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +45,7 @@ def tiny_llamas(tmp_path_factory, example_models) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def digits_task():
     """The digits task module (recipes/tasks/digits.py)."""
-    path = REPO / "recipes" / "tasks" / "digits.py"
-    spec = importlib.util.spec_from_file_location("merge_cli_tasks_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "recipes" / "tasks" / "digits.py")
 
 
 class Cli:

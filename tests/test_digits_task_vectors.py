@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
+from merge_cli.task import load_module
 from tests.conftest import REPO
 
 
 def test_merged_models_keep_most_of_each_task_and_beat_the_pretrained_model(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "digits_task_vectors", REPO / "scripts" / "digits_task_vectors.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_module(REPO / "scripts" / "digits_task_vectors.py")
     results = script.run_experiment(tmp_path, {"task_arithmetic": (0.6,), "ties": (1.0,)})
     fine, pretrained = results["finetuned"], results["pretrained"]
     for method in ("task_arithmetic", "ties"):

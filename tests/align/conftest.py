@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from merge_cli.task import load_module
 
 HERE = Path(__file__).resolve().parent
 MODELS_FILE = HERE / "models.py"
 REPO = HERE.parents[1]
 
 
-def _load(path: Path, name: str):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="session")
 def test_models():
     """tests/align/models.py: build_cnn, build_resnet, image_data, randomize_norms."""
-    return _load(MODELS_FILE, "merge_cli_tests_align_models")
+    return load_module(MODELS_FILE)
 
 
 @pytest.fixture(scope="session")
 def align_digits():
     """scripts/align_digits.py: training, path metrics and the results table."""
-    return _load(REPO / "scripts" / "align_digits.py", "merge_cli_scripts_align_digits")
+    return load_module(REPO / "scripts" / "align_digits.py")
 
 
 @pytest.fixture(scope="session")

@@ -7,24 +7,18 @@ torchvision-style ResNet (BasicBlocks, a downsampling stage). Referenced from te
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from merge_cli.task import load_module
+
 _DIGITS = Path(__file__).resolve().parents[2] / "recipes" / "tasks" / "digits.py"
 
 
 def _digits():
-    name = "merge_cli_tasks_digits"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _DIGITS)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_module(_DIGITS)
 
 
 def image_data(split: str, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from contextlib import contextmanager
 
 import pytest
@@ -22,6 +20,7 @@ from merge_cli.fuse.ensemble import (
 )
 from merge_cli.pipeline import RunOptions, run
 from merge_cli.recipe import recipe_from_dict
+from merge_cli.task import load_module
 from tests.conftest import REPO
 
 RECIPE = REPO / "recipes" / "ensemble" / "digits_ensemble.yaml"
@@ -29,13 +28,7 @@ RECIPE = REPO / "recipes" / "ensemble" / "digits_ensemble.yaml"
 
 def digits_members():
     """recipes/ensemble/members.py (its trained members are cached per process)."""
-    name = "merge_cli_recipes_ensemble_members"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "recipes/ensemble/members.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_module(REPO / "recipes" / "ensemble" / "members.py")
 
 
 @contextmanager

@@ -3,14 +3,13 @@ report, and the example recipes under recipes/datamerge/."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from merge_cli.task import load_module
 from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,12 +18,7 @@ RECIPES = sorted((REPO / "recipes" / "datamerge").glob("*.yaml"))
 
 @pytest.fixture(scope="session")
 def multitask_script():
-    path = REPO / "scripts" / "multitask_merging.py"
-    spec = importlib.util.spec_from_file_location("merge_cli_scripts_multitask_merging", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "scripts" / "multitask_merging.py")
 
 
 @pytest.fixture(scope="session")
