@@ -21,6 +21,7 @@ from merge_cli.io.checkpoint import InMemoryCheckpoint, read_state_dict
 from merge_cli.recipe import TaskSpec
 from merge_cli.task import Task
 from tests.align.conftest import REPO
+from tests.conftest import single_thread
 
 DIGITS = REPO / "recipes" / "tasks" / "digits.py"
 METHODS = ("weight_matching", "activation_matching")
@@ -29,10 +30,8 @@ METHODS = ("weight_matching", "activation_matching")
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run several times faster on one thread than on a loaded shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

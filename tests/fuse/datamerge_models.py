@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.conftest import single_thread
+
 REPO = Path(__file__).resolve().parents[2]
 TASK_FILE = REPO / "recipes" / "tasks" / "multitask.py"
 HEADS = r"re:^head\."
@@ -121,7 +123,5 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run several times faster on one thread than on a loaded shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield

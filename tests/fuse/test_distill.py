@@ -14,8 +14,8 @@ from merge_cli.fuse.distill import DistillParams, distill, distillation_loss, in
 from merge_cli.fuse.ensemble import Ensemble
 from merge_cli.pipeline import RunOptions, open_models, run
 from merge_cli.recipe import recipe_from_dict
-from tests.conftest import REPO
-from tests.fuse.test_ensemble import digits_members, one_thread
+from tests.conftest import REPO, single_thread
+from tests.fuse.test_ensemble import digits_members
 
 RECIPE = REPO / "recipes" / "ensemble" / "digits_distill.yaml"
 STUDENT_TASK = {"model": "recipes/tasks/digits.py:build_mlp", "params": {"hidden": 32, "depth": 2}}
@@ -23,13 +23,13 @@ STUDENT_TASK = {"model": "recipes/tasks/digits.py:build_mlp", "params": {"hidden
 
 @pytest.fixture(scope="module")
 def member_files(tmp_path_factory):
-    with one_thread():
+    with single_thread():
         return digits_members().save_members(tmp_path_factory.mktemp("digits_members"))
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    with one_thread():
+    with single_thread():
         yield
 
 

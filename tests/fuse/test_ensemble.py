@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from merge_cli.fuse.ensemble import (
 from merge_cli.pipeline import RunOptions, run
 from merge_cli.recipe import recipe_from_dict
 from merge_cli.task import load_module
-from tests.conftest import REPO
+from tests.conftest import REPO, single_thread
 
 RECIPE = REPO / "recipes" / "ensemble" / "digits_ensemble.yaml"
 
@@ -31,26 +30,15 @@ def digits_members():
     return load_module(REPO / "recipes" / "ensemble" / "members.py")
 
 
-@contextmanager
-def one_thread():
-    """Tiny MLPs run faster on one thread (and do not fight other jobs for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def member_files(tmp_path_factory):
-    with one_thread():
+    with single_thread():
         return digits_members().save_members(tmp_path_factory.mktemp("digits_members"))
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    with one_thread():
+    with single_thread():
         yield
 
 

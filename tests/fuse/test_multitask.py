@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from merge_cli.task import load_module
+from tests.conftest import single_thread
 from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,12 +24,8 @@ def multitask_script():
 @pytest.fixture(scope="session")
 def multitask(tmp_path_factory, multitask_script):
     """Pre-train, fine-tune on 5 tasks, merge with every method (the benchmark's defaults)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is several times faster
-    try:
+    with single_thread():  # tiny models: one thread is several times faster
         return multitask_script.benchmark(tmp_path_factory.mktemp("multitask"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def average(outcome, method: str) -> float:
