@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_cli.errors import MergeCliError, PlanError
-from merge_cli.fuse.params import count_layers, layer_position, resolve_params
+from merge_cli.fuse.params import TensorParams, count_layers, layer_position, resolve_params
 from merge_cli.fuse.plan import MergePlan, OutputTensor, Source
 from merge_cli.fuse.registry import Method, TensorJob
 from merge_cli.io.checkpoint import Checkpoint
@@ -86,7 +86,7 @@ def execute(
     num_layers = count_layers([t.name for t in plan.tensors])
     units = _units(plan, method, options)
     progress.start(f"merging with {method.name}", plan.bytes_written)
-    stats_cache: dict[str, object] = {}
+    tensor_cache: dict[str, object] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-cli-read") as pool:
         for unit, raw in _prefetched(units, checkpoints, pool, options.prefetch):
             tensor = unit.tensor
@@ -104,7 +104,7 @@ def execute(
                         device,
                         options,
                         num_layers,
-                        stats_cache,
+                        tensor_cache,
                     )
             except MergeCliError:
                 raise
@@ -151,13 +151,18 @@ def _merge_unit(
     device: torch.device,
     options: ExecutionOptions,
     num_layers: int,
-    stats_cache: dict[str, object],
+    tensor_cache: dict[str, object],
 ) -> torch.Tensor:
     tensor = unit.tensor
     assert method.merge is not None
-    params = resolve_params(
-        spec, method, plan.model_names, tensor.name, layer_position(tensor.name, num_layers)
-    )
+    # Parameters and statistics are per tensor: computed at its first chunk, reused after.
+    if tensor.name not in tensor_cache:
+        tensor_cache.clear()
+        tensor_cache[tensor.name] = resolve_params(
+            spec, method, plan.model_names, tensor.name, layer_position(tensor.name, num_layers)
+        )
+    params = tensor_cache[tensor.name]
+    assert isinstance(params, TensorParams)
     seed = tensor_seed(spec.seed, tensor.name)
 
     def to_job(rows: tuple[int, int], inputs: list[torch.Tensor]) -> TensorJob:
@@ -174,14 +179,14 @@ def _merge_unit(
         if unit.whole:
             stats = method.statistics(lambda: iter([job]), params.method, params.models)
         else:
-            if tensor.name not in stats_cache:
-                stats_cache.clear()
-                stats_cache[tensor.name] = method.statistics(
+            key = tensor.name + "\0statistics"
+            if key not in tensor_cache:
+                tensor_cache[key] = method.statistics(
                     _chunk_factory(tensor, checkpoints, options, method, to_job),
                     params.method,
                     params.models,
                 )
-            stats = stats_cache[tensor.name]
+            stats = tensor_cache[key]
     return method.merge(job, params.method, params.models, stats).to(tensor.dtype).cpu()
 
 
