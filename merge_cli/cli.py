@@ -120,6 +120,10 @@ def run(
     chunk_mb: Annotated[
         int, typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1)
     ] = 8,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads for compute (default: all cores but one).", min=1),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe: load, (align), fuse, save, (evaluate)."""
@@ -135,6 +139,7 @@ def run(
             overwrite=overwrite,
             chunk_bytes=chunk_mb * 2**20,
             progress=RichProgress(not as_json),
+            threads=threads,
         )
         return run_pipeline(parsed, options)
 

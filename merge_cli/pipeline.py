@@ -37,6 +37,8 @@ class RunOptions:
     overwrite: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     progress: Progress = field(default_factory=NullProgress)
+    #: CPU threads for compute (None: all cores but one; see executor.compute_threads).
+    threads: int | None = None
 
 
 @dataclass
@@ -209,7 +211,9 @@ def save_streaming(
         plan.sources(checkpoints),
         checkpoints[plan.config_source],
         options,
-        ExecutionOptions(device=options.device, chunk_bytes=options.chunk_bytes),
+        ExecutionOptions(
+            device=options.device, chunk_bytes=options.chunk_bytes, threads=options.threads
+        ),
     )
 
 
@@ -286,7 +290,7 @@ def save_checkpoint(
         {"merged": merged},
         checkpoints[source],
         options,
-        ExecutionOptions(device="cpu", chunk_bytes=options.chunk_bytes),
+        ExecutionOptions(device="cpu", chunk_bytes=options.chunk_bytes, threads=options.threads),
         report,
         files,
     )

@@ -49,7 +49,9 @@ class TensorJob:
     ``models`` are the fused models' tensors (in ``fuse.models`` order) and ``base`` the base
     model's, all float32 on the compute device, restricted to rows ``rows`` of the full
     tensor of shape ``shape``. The job owns its tensors: a method may modify them in place
-    (saving memory traffic) once it no longer needs the original values.
+    (saving memory traffic) once it no longer needs the original values. A method whose
+    entry sets ``stored_dtype_inputs`` gets them in their stored dtype instead, and must
+    leave them untouched. ``out_dtype`` is the dtype saved: a method may return it directly.
     """
 
     name: str
@@ -58,6 +60,7 @@ class TensorJob:
     rows: tuple[int, int]
     shape: tuple[int, ...]
     seed: int
+    out_dtype: torch.dtype = torch.float32
 
 
 #: (job, method params, per-model params, statistics) -> merged chunk
@@ -94,6 +97,9 @@ class Method:
     statistics: StatisticsFn | None = None
     #: False when a chunk's result depends on other rows (the executor then never splits).
     chunkable: bool = True
+    #: True when ``merge`` takes its inputs in their stored dtype (read-only) and computes
+    #: in float32 itself, which spares a float32 copy of every input (see linear).
+    stored_dtype_inputs: bool = False
     plan_tensors: Callable[..., Any] | None = None
     #: Extra recipe checks ``(fuse spec, fused model names) -> problems`` (e.g. "exactly two
     #: models"), run with the other checks before any tensor is read.

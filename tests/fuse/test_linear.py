@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from merge_cli.fuse.linear import linear
+from merge_cli.fuse import linear as linear_module
+from merge_cli.fuse.linear import linear, linear_blocked
 from merge_cli.pipeline import RunOptions, run
 from merge_cli.recipe import recipe_from_dict
 from tests.conftest import load_safetensors_dir
@@ -19,6 +20,25 @@ def test_linear_hand_computed():
     assert torch.equal(linear([a, b], [1.0, 3.0], normalize=False), torch.tensor([10.0, -4.0]))
     with pytest.raises(ValueError, match="sum to zero"):
         linear([a, b], [1.0, -1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_blocked_linear_is_bit_identical_to_linear_on_float32_copies(dtype, out_dtype, monkeypatch):
+    monkeypatch.setattr(linear_module, "BLOCK_ELEMENTS", 7)  # blocks that straddle rows
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(5, 6, generator=generator).to(dtype) for _ in range(3)]
+    originals = [x.clone() for x in inputs]
+    weights = [0.7, 0.2, 0.35]
+    merged = linear_blocked(inputs, weights, normalize=True, out_dtype=out_dtype)
+    expected = linear([x.float() for x in inputs], weights, normalize=True).to(out_dtype)
+    assert merged.dtype == out_dtype and merged.shape == (5, 6)
+    assert torch.equal(merged, expected)
+    assert all(torch.equal(x, y) for x, y in zip(inputs, originals, strict=True))  # untouched
+    unnormalized = linear_blocked(inputs, weights, normalize=False, out_dtype=torch.float32)
+    assert torch.equal(unnormalized, linear([x.float() for x in inputs], weights, False))
+    with pytest.raises(ValueError, match="sum to zero"):
+        linear_blocked(inputs[:2], [1.0, -1.0], normalize=True, out_dtype=out_dtype)
 
 
 def linear_recipe(paths, out, **fuse):
