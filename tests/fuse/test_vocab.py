@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from merge_cli.errors import CheckpointError, PlanError, RecipeError
 from tests.conftest import load_safetensors_dir as load_merged
@@ -281,3 +282,24 @@ def test_union_needs_a_per_tensor_method(vocab_models):
     with pytest.raises(RecipeError, match="fuse.tokenizer_source: union needs a per-tensor"):
         recipe_from_dict(raw)
 
+
+def test_union_plan_and_mergekit_config(tmp_path, vocab_models, cli):
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(vocab_models["base"]),
+        "models": [{"model": str(vocab_models[m]), "parameters": {"weight": 0.5}} for m in "ab"],
+        "tokenizer_source": "union",
+        "dtype": "float32",
+    }
+    path = tmp_path / "mk.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = cli("plan", path, "--out", tmp_path / "unused", "--json")
+    assert code == 0, err
+    assert json.loads(out)["config_updates"] == {"vocab_size": 11}
+    code, _, err = cli("run", path, "--out", tmp_path / "mk")
+    assert code == 0, err
+    fuse = {"method": "task_arithmetic", "base": "base", "models": {"a": {"weight": 0.5}}}
+    fuse["models"]["b"] = {"weight": 0.5}
+    ours = load_merged(_run_union(tmp_path, vocab_models, fuse))
+    theirs = load_merged(tmp_path / "mk")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
