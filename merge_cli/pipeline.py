@@ -100,15 +100,24 @@ def plan_streaming(
 def union_outputs(
     recipe: Recipe, plan: MergePlan, checkpoints: dict[str, Checkpoint], union: UnionVocabulary
 ) -> dict[str, bytes]:
-    """The union tokenizer's files (those ``save.copy_files`` selects); records the output's
-    ``vocab_size`` in ``plan.config_updates`` when the copied config has one to update."""
+    """The union tokenizer's files (those ``save.copy_files`` selects; none when the union
+    adds no token); records the output's ``vocab_size`` in ``plan.config_updates`` when the
+    copied config.json says otherwise."""
     assert recipe.save is not None
     rows = [t.shape[0] for t in plan.tensors if is_vocab_tensor(t.name) and t.shape]
+    vocab_size = max(rows, default=union.size)
     config_dir = plan.sources(checkpoints)[plan.config_source].directory
-    if config_dir is not None and (config_dir / "config.json").is_file():
-        plan.config_updates["vocab_size"] = max(rows, default=union.size)
+    config_path = config_dir / "config.json" if config_dir is not None else None
+    if config_path is not None and config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as error:
+            raise OutputError(f"{config_path}: not valid JSON ({error})") from None
+        if config.get("vocab_size") != vocab_size:
+            plan.config_updates["vocab_size"] = vocab_size
     directory = checkpoints[union.reference].directory
-    assert directory is not None  # its tokenizer.json was read from there
+    if not union.appended or directory is None:
+        return {}
     return {
         name: data
         for name, data in union_tokenizer_files(directory, union.appended).items()

@@ -122,14 +122,15 @@ def vocab_models(tmp_path_factory, example_models) -> dict[str, Path]:
     return {name: root / name for name in VOCABS}
 
 
-def _run_union(tmp_path, paths, fuse, chunk_bytes=32 * 2**20, name="out"):
+def _run_union(tmp_path, paths, fuse, chunk_bytes=32 * 2**20, name="out", source="union"):
+    """Run ``fuse`` on the model directories ``paths`` with ``tokenizer_source: source``."""
     from merge_cli.pipeline import RunOptions, run
     from merge_cli.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(
         {
             "models": {model: str(path) for model, path in paths.items()},
-            "fuse": {**fuse, "tokenizer_source": "union"},
+            "fuse": {**fuse, "tokenizer_source": source},
             "save": {"path": str(tmp_path / name), "dtype": "float32", "model_card": False},
         }
     )
@@ -257,6 +258,18 @@ def test_union_keeps_the_reference_padding_rows(tmp_path, vocab_models, example_
     assert torch.equal(merged[11:], base[11:])  # padding: only the base has rows there
     b = _rows(vocab_models["b"], "model.embed_tokens.weight")
     assert torch.equal(merged[10], b["<tool>"])  # a token lands on a padding row
+
+
+def test_union_of_one_vocabulary_is_the_plain_merge(tmp_path, example_models):
+    paths = {name: tmp_path / name for name in ("base", "x", "y")}
+    for seed, path in enumerate(paths.values()):
+        _llama_with_tokenizer(example_models, path, "base", seed)
+    fuse = {"method": "ties", "base": "base", "models": ["x", "y"], "params": {"density": 0.5}}
+    union = _run_union(tmp_path, paths, fuse)
+    plain = _run_union(tmp_path, paths, fuse, name="plain", source=None)
+    assert all(torch.equal(t, load_merged(plain)[k]) for k, t in load_merged(union).items())
+    for name in ("tokenizer.json", "config.json"):
+        assert (union / name).read_text() == (paths["base"] / name).read_text(), name
 
 
 def test_union_needs_every_tokenizer_json(tmp_path, vocab_models):
