@@ -227,7 +227,9 @@ class UnionRows:
     checkpoints: dict[str, Checkpoint]
     tensors: dict[str, set[str]]
     base: str | None
-    _sources: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    _sources: dict[tuple[str, str], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def shape(self, name: str) -> tuple[int, ...]:
         ref_shape = self.checkpoints[self.union.reference].info(name).shape
