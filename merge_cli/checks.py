@@ -74,6 +74,11 @@ def check_recipe_semantics(recipe: Recipe) -> list[str]:
                 )
             if method.check is not None:
                 problems += method.check(spec, fused)
+            if spec.tokenizer_source == "union" and not method.streaming:
+                problems.append(
+                    f"fuse.tokenizer_source: union needs a per-tensor method; {method.name!r} "
+                    "builds whole models from their own config.json"
+                )
             if method.needs_task and not any(recipe.task_for(n) for n in fused):
                 problems.append(f"task: method {method.name!r} needs a task (model, data, loss)")
             problems += check_fuse_params(spec, method)

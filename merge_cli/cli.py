@@ -242,12 +242,12 @@ def validate(
     recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Check a recipe and its inputs' headers without reading any tensor data."""
-    from merge_cli.pipeline import method_of, open_models, plan_merge
+    from merge_cli.pipeline import method_of, open_models, plan_merge, prepare_vocabulary
     from merge_cli.recipe import load_recipe
 
     def action() -> Any:
         parsed = load_recipe(recipe, set_, out)
-        checkpoints = open_models(parsed)
+        checkpoints, _ = prepare_vocabulary(parsed, open_models(parsed))
         if parsed.fuse is not None and method_of(parsed).streaming:
             plan_merge(parsed, checkpoints)
         return parsed
@@ -267,22 +267,24 @@ def plan(
     from merge_cli.pipeline import (
         method_of,
         open_models,
-        plan_merge,
+        plan_streaming,
         plan_summary,
         plan_whole_model,
+        prepare_vocabulary,
     )
     from merge_cli.recipe import load_recipe
 
     def action() -> Any:
         parsed = load_recipe(recipe, set_, out)
-        checkpoints = open_models(parsed)
+        checkpoints, union = prepare_vocabulary(parsed, open_models(parsed))
         if parsed.fuse is None:
             return {"stages": _stages(parsed)}
         method = method_of(parsed)
         if not method.streaming:
             whole = plan_whole_model(parsed, checkpoints)
             return {"stages": _stages(parsed), "streaming": False, **whole}
-        summary = plan_summary(parsed, plan_merge(parsed, checkpoints), checkpoints)
+        plan, _ = plan_streaming(parsed, checkpoints, union)
+        summary = plan_summary(parsed, plan, checkpoints)
         return {"stages": _stages(parsed), "streaming": True, **summary}
 
     summary = _guarded(as_json, action)

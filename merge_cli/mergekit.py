@@ -23,11 +23,15 @@ What carries over, with mergekit's semantics:
   ``out_dtype`` give ``save.dtype``; ``int8_mask`` (a mask storage option) has no effect here;
 * ``tokenizer_source: base`` keeps the base model's vocabulary (``fuse.tokenizer_source``,
   see :mod:`merge_cli.fuse.vocab`: rows by token id, where mergekit maps them by token text);
+  ``tokenizer_source: union`` merges the vocabularies by token text, with mergekit 0.1's
+  default rows for the tokens a model lacks (same module; one difference: a ``base_model``
+  of a method that fuses it as one of the models, such as ``linear``, is the reference
+  vocabulary but its rows are not preferred over the mean of the models that have a token);
 * mergekit's defaults where merge-cli's differ (DARE's ``normalize``, ...) are written out,
   its DARE/DELLA ``rescale: true`` becomes ``rescale: l1`` (its L1-norm matching) and its
   breadcrumbs get ``empty_without_outliers`` (see the methods' docs).
 
-Anything else (``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union``,
+Anything else (``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: MODEL``,
 LoRA references, partial-range
 merges, ``residual_weight``, unknown methods or keys) fails with a :class:`RecipeError` that
 names the key. Model references: a path that exists stays local, ``org/name[@rev]`` becomes
@@ -566,25 +570,27 @@ class _Translator:
         return None
 
     def tokenizer_source(self, fuse: dict[str, Any], base_name: str | None) -> None:
-        """``base`` keeps the base model's vocabulary (``fuse.tokenizer_source``)."""
+        """``base`` keeps the base model's vocabulary, ``union`` merges the vocabularies
+        (``fuse.tokenizer_source``); a model's tokenizer is not supported."""
         value = self.raw.get("tokenizer_source")
         if value is None:
             return
-        if value != "base":
+        if value not in ("base", "union"):
             self.problems.append(
-                f"tokenizer_source: {value!r} is not supported by merge-cli (only base: keep "
-                "the base model's vocabulary; union and a model's tokenizer are not)"
+                f"tokenizer_source: {value!r} is not supported by merge-cli (base: keep the "
+                "base model's vocabulary, and union: merge the vocabularies, are; a model's "
+                "tokenizer is not)"
             )
             return
-        # merge-cli keeps the vocabulary of fuse.base, or else of the first fused model.
+        # merge-cli's reference vocabulary is fuse.base's, or else the first fused model's.
         reference = fuse.get("base") or next(iter(fuse.get("models") or {}), None)
         if base_name is not None and reference != base_name:
             self.problems.append(
-                f"tokenizer_source: base with {fuse['method']}, which fuses the base_model as "
-                "one of the models: list the base_model first under models"
+                f"tokenizer_source: {value} with {fuse['method']}, which fuses the base_model "
+                "as one of the models: list the base_model first under models"
             )
             return
-        fuse["tokenizer_source"] = "base"
+        fuse["tokenizer_source"] = value
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,9 +20,16 @@ from merge_cli.errors import OutputError, PlanError
 from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
 from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
 from merge_cli.fuse.registry import Method, ModelFuseResult
-from merge_cli.fuse.vocab import match_vocabulary
+from merge_cli.fuse.vocab import (
+    UnionVocabulary,
+    is_vocab_tensor,
+    match_vocabulary,
+    read_union_vocabulary,
+    union_vocabulary,
+)
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.resolve import open_checkpoint
+from merge_cli.io.tokenizer import union_tokenizer_files
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import Recipe
@@ -63,6 +70,61 @@ def open_models(recipe: Recipe, names: list[str] | None = None) -> dict[str, Che
 def method_of(recipe: Recipe) -> Method:
     assert recipe.fuse is not None
     return fuse.METHODS[recipe.fuse.method]
+
+
+def prepare_vocabulary(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint]
+) -> tuple[dict[str, Checkpoint], UnionVocabulary | None]:
+    """Apply ``fuse.tokenizer_source``: the checkpoints the fuse stage reads, and the union
+    vocabulary when it is ``union`` (reads tokenizer.json files, no tensor data)."""
+    spec = recipe.fuse
+    if spec is None or spec.tokenizer_source is None:
+        return checkpoints, None
+    fused = spec.model_names(list(recipe.models))
+    reference = spec.base or fused[0]
+    if spec.tokenizer_source == "base":
+        return match_vocabulary(checkpoints, reference), None
+    members = [*fused, *([spec.base] if spec.base else [])]
+    union = read_union_vocabulary(checkpoints, members, reference)
+    return union_vocabulary(checkpoints, union, spec.base), union
+
+
+def plan_streaming(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint], union: UnionVocabulary | None
+) -> tuple[MergePlan, dict[str, bytes]]:
+    """The plan of a streaming method and the files its output gets besides the copied ones
+    (a union vocabulary's tokenizer; its size also goes into the plan's config updates)."""
+    plan = plan_merge(recipe, checkpoints)
+    files = union_outputs(recipe, plan, checkpoints, union) if union is not None else {}
+    return plan, files
+
+
+def union_outputs(
+    recipe: Recipe, plan: MergePlan, checkpoints: dict[str, Checkpoint], union: UnionVocabulary
+) -> dict[str, bytes]:
+    """The union tokenizer's files (those ``save.copy_files`` selects; none when the union
+    adds no token); records the output's ``vocab_size`` in ``plan.config_updates`` when the
+    copied config.json says otherwise."""
+    assert recipe.save is not None
+    rows = [t.shape[0] for t in plan.tensors if is_vocab_tensor(t.name) and t.shape]
+    vocab_size = max(rows, default=union.size)
+    config_dir = plan.sources(checkpoints)[plan.config_source].directory
+    config_path = config_dir / "config.json" if config_dir is not None else None
+    if config_path is not None and config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as error:
+            raise OutputError(f"{config_path}: not valid JSON ({error})") from None
+        if config.get("vocab_size") != vocab_size:
+            plan.config_updates["vocab_size"] = vocab_size
+    directory = checkpoints[union.reference].directory
+    if not union.appended or directory is None:
+        return {}
+    return {
+        name: data
+        for name, data in union_tokenizer_files(directory, union.appended).items()
+        if any(fnmatch.fnmatch(name, pattern) for pattern in recipe.save.copy_files)
+    }
 
 
 def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
@@ -162,13 +224,11 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
         checkpoints = align_models(recipe, checkpoints, options)
     if recipe.fuse is not None:
         method = method_of(recipe)
-        if recipe.fuse.tokenizer_source == "base":
-            reference = recipe.fuse.base or recipe.fuse.model_names(list(recipe.models))[0]
-            checkpoints = match_vocabulary(checkpoints, reference)
+        checkpoints, union = prepare_vocabulary(recipe, checkpoints)
         if method.streaming:
-            plan = plan_merge(recipe, checkpoints)
+            plan, files = plan_streaming(recipe, checkpoints, union)
             summary = plan_summary(recipe, plan, checkpoints, options.chunk_bytes)
-            output = save_streaming(recipe, plan, method, checkpoints, options)
+            output = save_streaming(recipe, plan, method, checkpoints, options, files)
         else:
             assert method.fuse_model is not None
             merged = method.fuse_model(recipe, checkpoints, options)
@@ -201,8 +261,13 @@ def save_streaming(
     method: Method,
     checkpoints: dict[str, Checkpoint],
     options: RunOptions,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Execute a streaming merge into the recipe's output directory."""
+    """Execute a streaming merge into the recipe's output directory.
+
+    ``files`` (name -> contents) are written after the copied config/tokenizer files,
+    replacing those of the same name.
+    """
     assert recipe.save is not None and recipe.fuse is not None
     return _write_plan(
         recipe,
@@ -214,6 +279,7 @@ def save_streaming(
         ExecutionOptions(
             device=options.device, chunk_bytes=options.chunk_bytes, threads=options.threads
         ),
+        files=files,
     )
 
 

@@ -82,8 +82,9 @@ class FuseSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     seed: int = 0
-    #: Models with different vocabularies (added tokens): keep the base's (see fuse/vocab.py).
-    tokenizer_source: Literal["base"] | None = None
+    #: Models with different vocabularies (added tokens): keep the base's, or merge them into
+    #: their union (see fuse/vocab.py).
+    tokenizer_source: Literal["base", "union"] | None = None
 
     @field_validator("models", mode="before")
     @classmethod

@@ -189,6 +189,22 @@ def test_tokenizer_source_base_keeps_the_base_vocabulary():
     assert fuse["tokenizer_source"] == "base"
 
 
+def test_tokenizer_source_union_merges_the_vocabularies():
+    config = {"merge_method": "ties", "base_model": "org/base", "models": TWO}
+    fuse = translate({**config, "tokenizer_source": "union"})["fuse"]
+    assert fuse["tokenizer_source"] == "union" and fuse["base"] == "base"
+    # without a base_model the reference vocabulary is the first model's, as in mergekit
+    linear = {"merge_method": "linear", "models": TWO, "tokenizer_source": "union"}
+    assert translate(linear)["fuse"]["tokenizer_source"] == "union"
+    # the base_model's vocabulary is the reference: it must be merge-cli's reference too
+    message = problems_of({**linear, "base_model": "org/base"})
+    assert "tokenizer_source: union with linear, which fuses the base_model" in message
+    recipe = recipe_from_dict(
+        {**translate({**linear, "models": [{"model": "org/base"}, *TWO]}), "save": {"path": "o"}}
+    )
+    assert recipe.fuse is not None and recipe.fuse.tokenizer_source == "union"
+
+
 # ---------------------------------------------------------------------------------------
 # dtypes
 
@@ -329,8 +345,8 @@ def test_one_slice_over_all_layers_is_the_models_form(tiny_llamas):
         ({"merge_method": "linear", "models": TWO, "dtype": "int8"}, "dtype: 'int8' is not"),
         ({"merge_method": "linear", "models": TWO, "dtype": "float64"}, "dtype: merge-cli cannot"),
         (
-            {"merge_method": "linear", "models": TWO, "tokenizer_source": "union"},
-            "tokenizer_source: 'union' is not supported",
+            {"merge_method": "linear", "models": TWO, "tokenizer_source": "org/math"},
+            "tokenizer_source: 'org/math' is not supported",
         ),
         (
             {

@@ -110,7 +110,7 @@ def aligned_tensors(
                 if is_vocab_tensor(name) and other_info.shape[1:] == info.shape[1:]:
                     hint = (
                         " (the vocabularies differ; set fuse.tokenizer_source: base to keep "
-                        f"{reference!r}'s)"
+                        f"{reference!r}'s, or union to merge them)"
                     )
                 problems.append(
                     f"tensor {name!r}: shape {list(other_info.shape)} in model {model!r} "
