@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 
 def solve_assignment(similarity: torch.Tensor) -> torch.Tensor:
     """The permutation maximising ``sum_i similarity[i, perm[i]]``."""
+    # Imported here: scipy.optimize takes a third of a second, paid by every command otherwise.
+    from scipy.optimize import linear_sum_assignment
+
     cost = similarity.cpu().to(torch.float64, copy=True).neg_()  # one float64 copy, no more
     rows, cols = linear_sum_assignment(cost.numpy())
     perm = np.empty(len(rows), dtype=np.int64)

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from merge_cli.errors import OutputError  # noqa: E402
+from merge_cli.errors import OutputError
 
 
 def plot_paths(
@@ -20,6 +15,12 @@ def plot_paths(
 ) -> Path:
     """Loss and accuracy against ``t`` for each path (``{"linear": {"loss": [...],
     "accuracy": [...]}, "curve": ...}``), side by side, saved as a PNG at ``target``."""
+    # Imported here: matplotlib takes half a second to import, and most runs never plot.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     try:
         for path_name, values in paths.items():

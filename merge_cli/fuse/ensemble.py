@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import minimize
 from torch import nn
 
 from merge_cli.errors import CheckpointError, PlanError, TaskError
@@ -177,6 +176,8 @@ def fit_simplex_weights(probabilities: torch.Tensor) -> tuple[list[float], float
     def nll(w: np.ndarray) -> tuple[float, np.ndarray]:
         mixture = np.maximum(w @ p, 1e-300)
         return float(-np.log(mixture).mean()), -(p / mixture).mean(axis=1)
+
+    from scipy.optimize import minimize  # here: scipy.optimize is slow to import
 
     uniform = np.full(count, 1.0 / count)
     result = minimize(
