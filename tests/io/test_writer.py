@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -84,5 +86,45 @@ def test_disk_full_is_reported_and_cleaned_up(tmp_path, tensors, monkeypatch):
         writer.write("a", tensors["a"])
         monkeypatch.setattr(writer._handle, "write", full, raising=False)
         writer.write("b", tensors["b"])
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_are_preallocated_to_their_final_size(tmp_path, tensors, monkeypatch):
+    from merge_cli.io import writer as writer_module
+
+    sizes = []
+    original = writer_module.preallocate
+
+    def spy(fd, size):
+        original(fd, size)
+        sizes.append((size, os.fstat(fd).st_size))
+
+    monkeypatch.setattr(writer_module, "preallocate", spy)
+    target = tmp_path / "out"
+    with ShardedWriter(target, [infos(tensors)], ["model.safetensors"]) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.finish()
+    final = (target / "model.safetensors").stat().st_size
+    assert sizes and sizes[0][0] == final
+    if sys.platform.startswith("linux"):
+        assert sizes[0][1] == final  # reserved up front, not grown by the writes
+    assert load_file(target / "model.safetensors").keys() == tensors.keys()
+
+
+def test_no_room_for_a_shard_fails_before_writing_it(tmp_path, tensors, monkeypatch):
+    from merge_cli.io import writer as writer_module
+
+    def no_room(_fd, _size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "preallocate", no_room)
+    target = tmp_path / "out"
+    with (
+        pytest.raises(OutputError, match="model.safetensors: cannot write \\(the disk is full\\)"),
+        ShardedWriter(target, [infos(tensors)], ["model.safetensors"]) as writer,
+    ):
+        writer.write("a", tensors["a"])
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
