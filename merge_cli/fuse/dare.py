@@ -48,11 +48,15 @@ RESCALE_FIELD = (
 
 
 def random_keep(job: TensorJob, model_index: int, keep_probability: Any) -> torch.Tensor:
-    """Boolean keep mask of model ``model_index``'s chunk: uniform(seed, model, index) < p."""
+    """Keep mask (float32 1/0) of model ``model_index``'s chunk: uniform(seed, model, index) < p.
+
+    ``keep_probability`` is a number or a tensor of the chunk's shape. The mask is float, not
+    bool: multiplying by it is several times faster on CPU.
+    """
     chunk = job.models[0]
     start = job.rows[0] * row_numel(job.shape)
     draws = uniform_range(job.seed, model_index, start, chunk.numel(), chunk.device)
-    return draws.reshape(chunk.shape) < keep_probability
+    return draws.reshape(chunk.shape).lt_(keep_probability)
 
 
 def l1_rescale_factors(

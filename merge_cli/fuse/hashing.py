@@ -36,10 +36,28 @@ def uniform_range(seed: int, stream: int, start: int, count: int, device=None) -
     """A float32 in [0, 1) for each flat index in ``[start, start + count)``.
 
     The value depends only on ``(seed, stream, index)``. It is a multiple of 2**-24, so
-    ``uniform < p`` holds with probability ``p`` rounded to 24 bits. Computed in place on
-    one int64 buffer: about as fast as ``torch.bernoulli``.
+    ``uniform < p`` holds with probability ``p`` rounded to 24 bits.
     """
-    key = stream_key(seed, stream)
+    return _hash24(stream_key(seed, stream), start, count, device).to(torch.float32).mul_(2**-24)
+
+
+def _hash24(key: int, start: int, count: int, device) -> torch.Tensor:
+    """The top 24 bits of the mixed 32-bit hash of each index, as an integer tensor.
+
+    Indices below 2**31 are hashed in int32, whose products wrap modulo 2**32 exactly as the
+    int64 products masked to 32 bits do; arithmetic right shifts are masked to act as
+    logical ones. That is three times faster than int64. Larger indices take the int64 path,
+    which also folds the index's high 32 bits in.
+    """
+    if start + count <= 1 << 31:
+        signed_key = key - (1 << 32) if key >= 1 << 31 else key
+        hashed = torch.arange(start, start + count, dtype=torch.int32, device=device)
+        hashed ^= signed_key
+        hashed *= _MULTIPLIER_1
+        hashed ^= (hashed >> 15) & 0x1FFFF
+        hashed *= _MULTIPLIER_2
+        hashed ^= (hashed >> 16) & 0xFFFF
+        return (hashed >> 8) & 0xFFFFFF
     hashed = torch.arange(start, start + count, dtype=torch.int64, device=device)
     if start + count > 1 << 32:
         high = hashed >> 32
@@ -52,5 +70,4 @@ def uniform_range(seed: int, stream: int, start: int, count: int, device=None) -
     hashed *= _MULTIPLIER_2
     hashed &= _MASK32
     hashed ^= hashed >> 16
-    hashed >>= 8
-    return hashed.to(torch.float32).mul_(1.0 / (1 << 24))
+    return hashed >> 8

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge_cli.fuse.hashing import uniform_range
+from merge_cli.fuse.hashing import stream_key, uniform_range
 from merge_cli.fuse.selection import HIGH_BINS, LOW_BINS, magnitude_keys, select_top_k
 
 
@@ -86,3 +87,23 @@ def test_uniform_hash_is_fixed_by_seed_stream_and_index_only():
     high = uniform_range(7, 0, 2**33, 100_000)
     assert not torch.equal(draws, high)
     assert abs(float(high.mean()) - 0.5) < 0.005
+
+
+def _reference_uniform(seed: int, stream: int, index: int) -> float:
+    """The documented hash, in Python integers (indices below 2**32)."""
+    from merge_cli.fuse.hashing import _MASK32, _MULTIPLIER_1, _MULTIPLIER_2, stream_key
+
+    hashed = index ^ stream_key(seed, stream)
+    hashed = (hashed * _MULTIPLIER_1) & _MASK32
+    hashed ^= hashed >> 15
+    hashed = (hashed * _MULTIPLIER_2) & _MASK32
+    hashed ^= hashed >> 16
+    return (hashed >> 8) / 2**24
+
+
+@pytest.mark.parametrize("start", [0, 1000, 2**31 - 3, 2**32 - 10])
+def test_uniform_hash_equals_the_reference_on_both_integer_paths(start):
+    seed, stream = 3, 3  # a key with the top bit set exercises the signed int32 path
+    assert stream_key(seed, stream) >= 2**31
+    draws = uniform_range(seed, stream, start, 6).tolist()
+    assert draws == [_reference_uniform(seed, stream, start + i) for i in range(6)]
