@@ -50,3 +50,16 @@ def test_della_rejects_probabilities_outside_zero_one(tmp_path):
     models = random_models(["base", "a"], {"w": (3, 3)})
     with pytest.raises(MergeCliError, match="density - epsilon and density \\+ epsilon"):
         merge(tmp_path, "della", models, params={"density": 0.9, "epsilon": 0.2})
+
+
+@pytest.mark.parametrize("width", [2, 3, 64, 5000])
+def test_rank_fraction_equals_a_stable_argsort_with_ties(width):
+    generator = torch.Generator().manual_seed(width)
+    magnitudes = torch.randn(7, width, generator=generator).abs()
+    magnitudes[:, ::3] = magnitudes[:, :1]  # many exact ties in every row
+    magnitudes[0] = 0.0  # a row of nothing but ties
+    order = torch.argsort(magnitudes, dim=1, stable=True)
+    expected = torch.empty_like(order)
+    expected.scatter_(1, order, torch.arange(width).expand_as(order))
+    assert torch.equal(rank_fraction(magnitudes), expected.float() / (width - 1))
+    assert torch.equal(rank_fraction(torch.ones(4, 1)), torch.full((4, 1), 0.5))
