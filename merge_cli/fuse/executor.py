@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,6 +140,7 @@ def execute(
                         options,
                         num_layers,
                         tensor_cache,
+                        pool,
                     )
             except MergeCliError:
                 raise
@@ -228,6 +229,7 @@ def _merge_unit(
     options: ExecutionOptions,
     num_layers: int,
     tensor_cache: dict[str, object],
+    pool: ThreadPoolExecutor,
 ) -> torch.Tensor:
     tensor = unit.tensor
     assert method.merge is not None
@@ -265,23 +267,24 @@ def _merge_unit(
             yield to_job((start, stop), [x[offset : offset + stop - start] for x in inputs])
 
     stats = None
+    jobs: Iterable[TensorJob] | None = None
     if method.statistics is not None:
         if unit.whole:
-            stats = method.statistics(
-                lambda: block_jobs(unit.rows, raw), params.method, params.models
-            )
+            # Statistics never modify a job: the merge reuses the converted blocks.
+            jobs = list(block_jobs(unit.rows, raw))
+            stats = method.statistics(lambda: iter(jobs), params.method, params.models)
         else:
             key = tensor.name + "\0statistics"
             if key not in tensor_cache:
                 tensor_cache[key] = method.statistics(
-                    _chunk_factory(tensor, checkpoints, options, method, block_jobs),
+                    _chunk_factory(tensor, checkpoints, options, method, block_jobs, pool),
                     params.method,
                     params.models,
                 )
             stats = tensor_cache[key]
     first = unit.rows[0]
     out = None
-    for job in block_jobs(unit.rows, raw):
+    for job in jobs if jobs is not None else block_jobs(unit.rows, raw):
         merged = method.merge(job, params.method, params.models, stats)
         if job.rows == unit.rows:
             return merged.to(tensor.dtype).cpu()
@@ -317,15 +320,19 @@ def _chunk_factory(
     options: ExecutionOptions,
     method: Method,
     block_jobs: Callable[[tuple[int, int], list[torch.Tensor]], Iterator[TensorJob]],
+    pool: ThreadPoolExecutor,
 ) -> Callable[[], Iterator[TensorJob]]:
     """A factory of fresh passes over a large tensor's chunks (for whole-tensor statistics).
 
-    A pass yields the same compute blocks that ``merge`` will see, so statistics kept per
-    block (TIES's ties before each block) line up with the merge.
+    Each pass reads one chunk ahead on the reader thread, and yields the same compute blocks
+    that ``merge`` will see, so statistics kept per block (TIES's ties before each block)
+    line up with the merge.
     """
 
     def passes() -> Iterator[TensorJob]:
-        for rows in row_chunks(tensor.shape, options.chunk_bytes, method.chunkable):
-            yield from block_jobs(rows, _read_unit(checkpoints, _Unit(tensor, rows, False)))
+        rows = row_chunks(tensor.shape, options.chunk_bytes, method.chunkable)
+        units = [_Unit(tensor, chunk, False) for chunk in rows]
+        for unit, raw in _prefetched(units, checkpoints, pool, options.prefetch):
+            yield from block_jobs(unit.rows, raw)
 
     return passes
