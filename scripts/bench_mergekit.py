@@ -8,7 +8,7 @@ unpickling, no tokenizer copy) and with ``merge-cli run`` on the very same file,
 page cache for both. Prints wall time, peak RSS and the speed-up per method. mergekit is not a
 dependency of merge-cli: install it in a scratch environment, e.g.
 
-    python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch mergekit==0.1.5
+    python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5
     python scripts/bench_mergekit.py --mergekit /tmp/mk/bin/mergekit-yaml --root /tmp/bench
 """
 

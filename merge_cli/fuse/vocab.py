@@ -56,7 +56,7 @@ or permuted; any other shape mismatch is still an error.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,13 +77,24 @@ def is_vocab_tensor(name: str) -> bool:
     return VOCAB_TENSOR.search(name) is not None
 
 
-class VocabResized:
-    """A checkpoint whose vocabulary-indexed tensors have the reference's row count."""
+class RowMappedView:
+    """A checkpoint whose tensors ``names`` are seen with other rows (a vocabulary policy).
 
-    def __init__(self, inner: Checkpoint, reference: Checkpoint, names: set[str]):
+    ``shape(name)`` is such a tensor's shape as seen, ``read_rows(name, start, stop)`` reads
+    rows ``[start, stop)`` of it; every other tensor is the inner checkpoint's.
+    """
+
+    def __init__(
+        self,
+        inner: Checkpoint,
+        names: set[str],
+        shape: Callable[[str], tuple[int, ...]],
+        read_rows: Callable[[str, int, int], torch.Tensor],
+    ):
         self.inner = inner
-        self.reference = reference
-        self.resized = names
+        self.names = names
+        self.shape = shape
+        self.read_rows = read_rows
         self.source = inner.source
         self.directory: Path | None = inner.directory
 
@@ -92,22 +103,31 @@ class VocabResized:
 
     def info(self, name: str) -> TensorInfo:
         info = self.inner.info(name)
-        if name not in self.resized:
+        if name not in self.names:
             return info
-        return TensorInfo(name, self.reference.info(name).shape, info.dtype)
+        return TensorInfo(name, self.shape(name), info.dtype)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        if name not in self.resized:
+        if name not in self.names:
             return self.inner.read(name, rows)
-        start, stop = rows if rows is not None else (0, self.reference.info(name).shape[0])
-        own_rows = self.inner.info(name).shape[0]
+        start, stop = rows if rows is not None else (0, self.shape(name)[0])
+        return self.read_rows(name, start, stop)
+
+
+def resized_view(inner: Checkpoint, reference: Checkpoint, names: set[str]) -> RowMappedView:
+    """``inner`` with tensors ``names`` cut or padded (from ``reference``) to its row count."""
+
+    def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        own_rows = inner.info(name).shape[0]
         parts = []
         if start < own_rows:
-            parts.append(self.inner.read(name, (start, min(stop, own_rows))))
+            parts.append(inner.read(name, (start, min(stop, own_rows))))
         if stop > own_rows:
-            padding = self.reference.read(name, (max(start, own_rows), stop))
-            parts.append(padding.to(self.inner.info(name).dtype))
+            padding = reference.read(name, (max(start, own_rows), stop))
+            parts.append(padding.to(inner.info(name).dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    return RowMappedView(inner, names, lambda name: reference.info(name).shape, read_rows)
 
 
 def match_vocabulary(checkpoints: dict[str, Checkpoint], reference: str) -> dict[str, Checkpoint]:
@@ -124,7 +144,7 @@ def match_vocabulary(checkpoints: dict[str, Checkpoint], reference: str) -> dict
                 own, wanted = checkpoint.info(name).shape, ref.info(name).shape
                 if len(own) >= 1 and own[1:] == wanted[1:] and own[0] != wanted[0]:
                     resized.add(name)
-        result[model] = VocabResized(checkpoint, ref, resized) if resized else checkpoint
+        result[model] = resized_view(checkpoint, ref, resized) if resized else checkpoint
     return result
 
 
@@ -285,32 +305,6 @@ class UnionRows:
         return result
 
 
-class UnionVocabView:
-    """A model's checkpoint whose vocabulary tensors are permuted to the union vocabulary."""
-
-    def __init__(self, inner: Checkpoint, model: str, rows: UnionRows):
-        self.inner = inner
-        self.model = model
-        self.rows = rows
-        self.source = inner.source
-        self.directory: Path | None = inner.directory
-
-    def tensor_names(self) -> list[str]:
-        return self.inner.tensor_names()
-
-    def info(self, name: str) -> TensorInfo:
-        info = self.inner.info(name)
-        if name not in self.rows.tensors[self.model]:
-            return info
-        return TensorInfo(name, self.rows.shape(name), info.dtype)
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        if name not in self.rows.tensors[self.model]:
-            return self.inner.read(name, rows)
-        start, stop = rows if rows is not None else (0, self.rows.shape(name)[0])
-        return self.rows.read(self.model, name, start, stop)
-
-
 def vocab_tensors(checkpoint: Checkpoint, reference: Checkpoint) -> set[str]:
     """``checkpoint``'s vocabulary tensors that the reference has with the same trailing dims."""
     ref_names = set(reference.tensor_names())
@@ -353,6 +347,13 @@ def union_vocabulary(
     tensors = {model: vocab_tensors(ckpt, reference) for model, ckpt in members.items()}
     rows = UnionRows(union, members, tensors, base)
     return {
-        model: UnionVocabView(checkpoint, model, rows) if model in members else checkpoint
+        model: RowMappedView(
+            checkpoint,
+            tensors[model],
+            rows.shape,
+            lambda name, start, stop, model=model: rows.read(model, name, start, stop),
+        )
+        if model in members
+        else checkpoint
         for model, checkpoint in checkpoints.items()
     }
