@@ -11,6 +11,8 @@ xored with a key mixed from the seed and stream, so different streams get unrela
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -41,6 +43,13 @@ def uniform_range(seed: int, stream: int, start: int, count: int, device=None) -
     return _hash24(stream_key(seed, stream), start, count, device).to(torch.float32).mul_(2**-24)
 
 
+@lru_cache(maxsize=8)
+def _offsets(count: int, device: str) -> torch.Tensor:
+    """``arange(count)`` in int32, kept (read-only) for reuse: adding an offset to it is three
+    times faster than a fresh ``arange``, and the executor asks for the same block sizes."""
+    return torch.arange(count, dtype=torch.int32, device=device)
+
+
 def _hash24(key: int, start: int, count: int, device) -> torch.Tensor:
     """The top 24 bits of the mixed 32-bit hash of each index, as an integer tensor.
 
@@ -51,13 +60,17 @@ def _hash24(key: int, start: int, count: int, device) -> torch.Tensor:
     """
     if start + count <= 1 << 31:
         signed_key = key - (1 << 32) if key >= 1 << 31 else key
-        hashed = torch.arange(start, start + count, dtype=torch.int32, device=device)
+        hashed = torch.add(_offsets(count, str(device or "cpu")), start)
+        shifted = torch.empty_like(hashed)  # one scratch buffer for the three shifts
         hashed ^= signed_key
         hashed *= _MULTIPLIER_1
-        hashed ^= (hashed >> 15) & 0x1FFFF
+        torch.bitwise_right_shift(hashed, 15, out=shifted)
+        hashed ^= shifted.bitwise_and_(0x1FFFF)
         hashed *= _MULTIPLIER_2
-        hashed ^= (hashed >> 16) & 0xFFFF
-        return (hashed >> 8) & 0xFFFFFF
+        torch.bitwise_right_shift(hashed, 16, out=shifted)
+        hashed ^= shifted.bitwise_and_(0xFFFF)
+        torch.bitwise_right_shift(hashed, 8, out=shifted)
+        return shifted.bitwise_and_(0xFFFFFF)
     hashed = torch.arange(start, start + count, dtype=torch.int64, device=device)
     if start + count > 1 << 32:
         high = hashed >> 32
