@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -113,41 +114,157 @@ def execute(
 ) -> None:
     """Compute every tensor of ``plan`` and write it with ``writer``."""
     progress = progress or NullProgress()
-    device = torch.device(options.device)
-    num_layers = count_layers([t.name for t in plan.tensors])
     units = _units(plan, method, options)
     progress.start(f"merging with {method.name}", plan.bytes_written)
-    tensor_cache: dict[str, object] = {}
     with (
         _torch_threads(compute_threads(options.threads)),
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-cli-read") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-cli-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-cli-stats") as statistician,
         _BackgroundWriter(writer, progress, options.prefetch) as output,
     ):
-        for unit, raw in _prefetched(units, checkpoints, pool, options.prefetch):
+        run = _Run(
+            plan,
+            method,
+            spec,
+            checkpoints,
+            torch.device(options.device),
+            options,
+            count_layers([t.name for t in plan.tensors]),
+            reader,
+        )
+        ahead = _StatisticsAhead(run, units, statistician)
+        for index, (unit, raw) in enumerate(
+            _prefetched(units, checkpoints, reader, options.prefetch)
+        ):
             tensor = unit.tensor
             try:
                 if tensor.copy_from is not None:
                     result = raw[0].to(tensor.dtype)
                 else:
-                    result = _merge_unit(
-                        unit,
-                        raw,
-                        plan,
-                        method,
-                        spec,
-                        checkpoints,
-                        device,
-                        options,
-                        num_layers,
-                        tensor_cache,
-                        pool,
-                    )
+                    result = _merge_unit(run, unit, raw, ahead.statistics(index))
             except MergeCliError:
                 raise
             except (ValueError, RuntimeError) as error:
                 raise PlanError(f"fuse ({method.name}): tensor {tensor.name!r}: {error}") from error
             output.write(tensor.name, result)
     progress.finish()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every unit of one execution shares."""
+
+    plan: MergePlan
+    method: Method
+    spec: FuseSpec
+    checkpoints: dict[str, Checkpoint]
+    device: torch.device
+    options: ExecutionOptions
+    num_layers: int
+    reader: ThreadPoolExecutor
+
+    def params(self, tensor: OutputTensor) -> TensorParams:
+        position = layer_position(tensor.name, self.num_layers)
+        return resolve_params(self.spec, self.method, self.plan.model_names, tensor.name, position)
+
+    def to_job(
+        self, tensor: OutputTensor, rows: tuple[int, int], inputs: list[torch.Tensor]
+    ) -> TensorJob:
+        if self.method.stored_dtype_inputs:
+            values = [x.to(device=self.device) for x in inputs]
+        else:
+            # Jobs own their tensors (methods may work in place): copy when .to() would not.
+            values = [
+                x.to(device=self.device, dtype=torch.float32, copy=x.dtype == torch.float32)
+                for x in inputs
+            ]
+        base = values.pop() if tensor.base is not None else None
+        seed = tensor_seed(self.spec.seed, tensor.name)
+        return TensorJob(tensor.name, values, base, rows, tensor.shape, seed, tensor.dtype)
+
+    def block_jobs(
+        self, tensor: OutputTensor, rows: tuple[int, int], inputs: list[torch.Tensor]
+    ) -> Iterator[TensorJob]:
+        """The jobs of a chunk's compute blocks (see :func:`compute_blocks`)."""
+        splittable = self.method.chunkable and self.device.type == "cpu"
+        blocks = compute_blocks(rows, tensor.shape, splittable)
+        if len(blocks) == 1:
+            yield self.to_job(tensor, rows, inputs)
+            return
+        for start, stop in blocks:
+            offset = start - rows[0]
+            part = [x[offset : offset + stop - start] for x in inputs]
+            yield self.to_job(tensor, (start, stop), part)
+
+    def chunked_statistics(self, tensor: OutputTensor) -> Any:
+        """A chunked tensor's whole-tensor statistics, from passes over all its chunks.
+
+        Each pass reads one chunk ahead and yields the same compute blocks that ``merge``
+        will see, so statistics kept per block (TIES's ties before each block) line up.
+        """
+        assert self.method.statistics is not None
+        rows = row_chunks(tensor.shape, self.options.chunk_bytes, self.method.chunkable)
+
+        def passes() -> Iterator[TensorJob]:
+            units = [_Unit(tensor, chunk, False) for chunk in rows]
+            for unit, raw in _prefetched(
+                units, self.checkpoints, self.reader, self.options.prefetch
+            ):
+                yield from self.block_jobs(tensor, unit.rows, raw)
+
+        params = self.params(tensor)
+        return self.method.statistics(passes, params.method, params.models)
+
+
+class _StatisticsAhead:
+    """Computes chunked tensors' statistics on a thread of its own, one tensor ahead.
+
+    A method with whole-tensor statistics passes over a large tensor twice (statistics,
+    then merge). Computing the next tensor's statistics while the current one merges puts
+    the second core to work: compute runs on one core, and reads rarely fill the other.
+    """
+
+    def __init__(self, run: _Run, units: list[_Unit], pool: ThreadPoolExecutor):
+        self.run = run
+        self.units = units
+        self.pool = pool if run.options.prefetch else None
+        needs = run.method.statistics is not None
+        #: index of a chunked tensor's first unit -> its position among such tensors
+        self.positions: dict[int, int] = {}
+        for index, unit in enumerate(units):
+            if needs and not unit.whole and unit.rows[0] == 0 and unit.tensor.copy_from is None:
+                self.positions[index] = len(self.positions)
+        self.first_units = list(self.positions)
+        self.futures: dict[str, Future] = {}
+
+    def _submit(self, position: int) -> None:
+        if self.pool is None or position >= len(self.first_units):
+            return
+        tensor = self.units[self.first_units[position]].tensor
+        if tensor.name not in self.futures:
+            self.futures[tensor.name] = self.pool.submit(self.run.chunked_statistics, tensor)
+
+    def statistics(self, index: int) -> Callable[[], Any]:
+        """A function giving the statistics of unit ``index``'s tensor (from a pass of their
+        own; called only for chunked tensors), submitting the next tensor's meanwhile."""
+        unit = self.units[index]
+        tensor = unit.tensor
+        if index in self.positions:
+            self._submit(self.positions[index])
+            self._submit(self.positions[index] + 1)
+        last = unit.rows[1] >= (tensor.shape[0] if tensor.shape else 0)
+
+        def get() -> Any:
+            future = self.futures.get(tensor.name)
+            if future is None:  # no statistics thread: compute here, once per tensor
+                future = Future()
+                future.set_result(self.run.chunked_statistics(tensor))
+                self.futures[tensor.name] = future
+            if last:
+                self.futures.pop(tensor.name, None)
+            return future.result()
+
+        return get
 
 
 class _BackgroundWriter:
@@ -219,72 +336,25 @@ def _prefetched(
 
 
 def _merge_unit(
-    unit: _Unit,
-    raw: list[torch.Tensor],
-    plan: MergePlan,
-    method: Method,
-    spec: FuseSpec,
-    checkpoints: dict[str, Checkpoint],
-    device: torch.device,
-    options: ExecutionOptions,
-    num_layers: int,
-    tensor_cache: dict[str, object],
-    pool: ThreadPoolExecutor,
+    run: _Run, unit: _Unit, raw: list[torch.Tensor], chunked_statistics: Callable[[], Any]
 ) -> torch.Tensor:
+    """Merge one unit (a whole tensor or a row chunk of it) block by block."""
     tensor = unit.tensor
+    method = run.method
     assert method.merge is not None
-    # Parameters and statistics are per tensor: computed at its first chunk, reused after.
-    if tensor.name not in tensor_cache:
-        tensor_cache.clear()
-        tensor_cache[tensor.name] = resolve_params(
-            spec, method, plan.model_names, tensor.name, layer_position(tensor.name, num_layers)
-        )
-    params = tensor_cache[tensor.name]
-    assert isinstance(params, TensorParams)
-    seed = tensor_seed(spec.seed, tensor.name)
-
-    def to_job(rows: tuple[int, int], inputs: list[torch.Tensor]) -> TensorJob:
-        if method.stored_dtype_inputs:
-            values = [x.to(device=device) for x in inputs]
-        else:
-            # Jobs own their tensors (methods may work in place): copy when .to() would not.
-            values = [
-                x.to(device=device, dtype=torch.float32, copy=x.dtype == torch.float32)
-                for x in inputs
-            ]
-        base = values.pop() if tensor.base is not None else None
-        return TensorJob(tensor.name, values, base, rows, tensor.shape, seed, tensor.dtype)
-
-    splittable = method.chunkable and device.type == "cpu"
-
-    def block_jobs(rows: tuple[int, int], inputs: list[torch.Tensor]) -> Iterator[TensorJob]:
-        blocks = compute_blocks(rows, tensor.shape, splittable)
-        if len(blocks) == 1:
-            yield to_job(rows, inputs)
-            return
-        for start, stop in blocks:
-            offset = start - rows[0]
-            yield to_job((start, stop), [x[offset : offset + stop - start] for x in inputs])
-
+    params = run.params(tensor)
     stats = None
     jobs: Iterable[TensorJob] | None = None
     if method.statistics is not None:
         if unit.whole:
             # Statistics never modify a job: the merge reuses the converted blocks.
-            jobs = list(block_jobs(unit.rows, raw))
+            jobs = list(run.block_jobs(tensor, unit.rows, raw))
             stats = method.statistics(lambda: iter(jobs), params.method, params.models)
         else:
-            key = tensor.name + "\0statistics"
-            if key not in tensor_cache:
-                tensor_cache[key] = method.statistics(
-                    _chunk_factory(tensor, checkpoints, options, method, block_jobs, pool),
-                    params.method,
-                    params.models,
-                )
-            stats = tensor_cache[key]
+            stats = chunked_statistics()
     first = unit.rows[0]
     out = None
-    for job in jobs if jobs is not None else block_jobs(unit.rows, raw):
+    for job in jobs if jobs is not None else run.block_jobs(tensor, unit.rows, raw):
         merged = method.merge(job, params.method, params.models, stats)
         if job.rows == unit.rows:
             return merged.to(tensor.dtype).cpu()
@@ -312,27 +382,3 @@ def compute_blocks(
     per_block = max(1, COMPUTE_BLOCK_BYTES // row_bytes)
     start, stop = rows
     return [(s, min(stop, s + per_block)) for s in range(start, max(stop, start + 1), per_block)]
-
-
-def _chunk_factory(
-    tensor: OutputTensor,
-    checkpoints: dict[str, Checkpoint],
-    options: ExecutionOptions,
-    method: Method,
-    block_jobs: Callable[[tuple[int, int], list[torch.Tensor]], Iterator[TensorJob]],
-    pool: ThreadPoolExecutor,
-) -> Callable[[], Iterator[TensorJob]]:
-    """A factory of fresh passes over a large tensor's chunks (for whole-tensor statistics).
-
-    Each pass reads one chunk ahead on the reader thread, and yields the same compute blocks
-    that ``merge`` will see, so statistics kept per block (TIES's ties before each block)
-    line up with the merge.
-    """
-
-    def passes() -> Iterator[TensorJob]:
-        rows = row_chunks(tensor.shape, options.chunk_bytes, method.chunkable)
-        units = [_Unit(tensor, chunk, False) for chunk in rows]
-        for unit, raw in _prefetched(units, checkpoints, pool, options.prefetch):
-            yield from block_jobs(unit.rows, raw)
-
-    return passes

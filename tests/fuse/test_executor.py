@@ -70,3 +70,35 @@ def test_a_failed_background_write_stops_the_run_and_leaves_nothing(
         run(linear_recipe(tiny_llamas, target), RunOptions(chunk_bytes=512))
     assert not target.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "model_stock"])
+def test_statistics_ahead_equal_statistics_in_line(tmp_path, monkeypatch, method):
+    """Chunked tensors' statistics computed on the statistics thread, one tensor ahead, give
+    the output computed without any background thread."""
+    import functools
+
+    from merge_cli import pipeline
+    from merge_cli.fuse.executor import ExecutionOptions
+    from tests.fuse.fuse_harness import merge, random_models
+
+    shapes = {f"layers.{i}.weight": (6 + i, 5) for i in range(4)} | {"norm": (5,)}
+    models = random_models(["base", "a", "b"], shapes)
+    params = {"density": 0.5} if method != "model_stock" else {}
+    threaded = merge(tmp_path, method, models, params=params, chunk_bytes=40)
+    calls = []
+    original = executor._Run.chunked_statistics
+
+    def counted(self, tensor):
+        calls.append(tensor.name)
+        return original(self, tensor)
+
+    monkeypatch.setattr(executor._Run, "chunked_statistics", counted)
+    monkeypatch.setattr(
+        pipeline, "ExecutionOptions", functools.partial(ExecutionOptions, prefetch=False)
+    )
+    in_line = merge(tmp_path, method, models, params=params, chunk_bytes=40)
+    assert threaded.keys() == in_line.keys()
+    assert all(torch.equal(threaded[k], in_line[k]) for k in threaded)
+    # without the thread, each chunked tensor's statistics pass runs once
+    assert sorted(calls) == sorted(f"layers.{i}.weight" for i in range(4))
