@@ -60,19 +60,25 @@ def random_keep(job: TensorJob, model_index: int, keep_probability: Any) -> torc
 
 
 def l1_rescale_factors(
-    passes: ChunkPasses, pruned: Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor]]]
+    passes: ChunkPasses,
+    masked: Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor | None]]],
 ) -> list[float]:
     """mergekit's L1 rescaling: ||tau||_1 / ||pruned tau||_1 per model, over the whole tensor.
 
-    ``pruned(job)`` gives each model's (task vector, pruned task vector) chunk. A factor is 1
-    when either norm is below 1e-7, as in mergekit.
+    ``masked(job)`` gives each model's task vector chunk and its keep mask (float 1/0; None
+    keeps everything); the task vectors may be overwritten. A factor is 1 when either norm
+    is below 1e-7, as in mergekit.
     """
 
     def per_row(job: TensorJob) -> torch.Tensor:
-        pairs = pruned(job)
-        # Each row summed in float32 (a few thousand entries), rows added in float64: three
-        # times faster than converting every entry to float64.
-        columns = [as_rows(t).abs().sum(1).double() for pair in pairs for t in pair]
+        columns = []
+        for delta, mask in masked(job):
+            magnitude = as_rows(delta).abs_()
+            # Each row summed in float32 (a few thousand entries), rows added in float64:
+            # three times faster than converting every entry to float64.
+            before = magnitude.sum(1).double()
+            after = before if mask is None else magnitude.mul_(as_rows(mask)).sum(1).double()
+            columns += [before, after]
         return torch.stack(columns, dim=1)
 
     sums = whole_sums(passes, per_row).tolist()
@@ -82,28 +88,29 @@ def l1_rescale_factors(
     return factors
 
 
-def _dropped(
+def _masks(
     job: TensorJob, models: list[DensityParams]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each model's (task vector, task vector with dropped entries zeroed)."""
-    pairs = []
-    for i, (delta, model) in enumerate(zip(task_vectors(job), models, strict=True)):
-        kept = delta if model.density >= 1 else delta * random_keep(job, i, model.density)
-        pairs.append((delta, kept))
-    return pairs
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each model's task vector and its random keep mask (None at density 1)."""
+    return [
+        (delta, None if model.density >= 1 else random_keep(job, i, model.density))
+        for i, (delta, model) in enumerate(zip(task_vectors(job), models, strict=True))
+    ]
 
 
 def _statistics(passes: ChunkPasses, params: Any, models: list[DensityParams]) -> Any:
     if params.rescale != "l1":
         return None
-    return l1_rescale_factors(passes, lambda job: _dropped(job, models))
+    return l1_rescale_factors(passes, lambda job: _masks(job, models))
 
 
 def _merge_with(elect_sign: bool):
     def merge(job: TensorJob, params: Any, models: list[DensityParams], stats: Any):
         assert job.base is not None
         deltas = []
-        for i, ((_, kept), model) in enumerate(zip(_dropped(job, models), models, strict=True)):
+        for i, ((kept, mask), model) in enumerate(zip(_masks(job, models), models, strict=True)):
+            if mask is not None:
+                kept *= mask
             if params.rescale == "l1":
                 kept *= stats[i]
             elif params.rescale:

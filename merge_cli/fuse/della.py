@@ -89,15 +89,15 @@ def _ranks(job: TensorJob, stats: Any, model_index: int, delta: torch.Tensor) ->
     return rank_fraction(delta.abs().reshape(1, -1)).reshape(delta.shape)
 
 
-def _pruned(job: TensorJob, models: list[DellaModelParams], stats: Any):
-    """Each model's (task vector, pruned task vector, keep probability or None)."""
+def _masked(job: TensorJob, models: list[DellaModelParams], stats: Any):
+    """Each model's (task vector, keep mask or None, keep probability or None)."""
     out = []
     for i, (delta, model) in enumerate(zip(task_vectors(job), models, strict=True)):
         if model.density >= 1:
-            out.append((delta, delta, None))
+            out.append((delta, None, None))
             continue
         probability = keep_probability(_ranks(job, stats, i, delta), model.density, model.epsilon)
-        out.append((delta, delta * random_keep(job, i, probability), probability))
+        out.append((delta, random_keep(job, i, probability), probability))
     return out
 
 
@@ -116,7 +116,7 @@ def _statistics(passes: ChunkPasses, params: Any, models: list[DellaModelParams]
         ]
     if params.rescale == "l1":
         stats["l1"] = l1_rescale_factors(
-            passes, lambda job: [(d, p) for d, p, _ in _pruned(job, models, stats or None)]
+            passes, lambda job: [(d, m) for d, m, _ in _masked(job, models, stats or None)]
         )
     return stats or None
 
@@ -125,7 +125,9 @@ def _merge_with(elect_sign: bool):
     def merge(job: TensorJob, params: Any, models: list[DellaModelParams], stats: Any):
         assert job.base is not None
         deltas = []
-        for i, (_, pruned, probability) in enumerate(_pruned(job, models, stats)):
+        for i, (pruned, mask, probability) in enumerate(_masked(job, models, stats)):
+            if mask is not None:
+                pruned *= mask
             if params.rescale == "l1":
                 pruned *= stats["l1"][i]
             elif params.rescale and probability is not None:

@@ -186,7 +186,12 @@ class _Run:
         self, tensor: OutputTensor, rows: tuple[int, int], inputs: list[torch.Tensor]
     ) -> Iterator[TensorJob]:
         """The jobs of a chunk's compute blocks (see :func:`compute_blocks`)."""
-        splittable = self.method.chunkable and self.device.type == "cpu"
+        # A method taking stored-dtype inputs blocks its own float32 work (see linear).
+        splittable = (
+            self.method.chunkable
+            and self.device.type == "cpu"
+            and not self.method.stored_dtype_inputs
+        )
         blocks = compute_blocks(rows, tensor.shape, splittable)
         if len(blocks) == 1:
             yield self.to_job(tensor, rows, inputs)
