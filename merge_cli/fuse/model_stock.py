@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge_cli.fuse.chunks import ChunkPasses, as_rows, gram_matrix, gram_per_row, task_vectors
+from merge_cli.fuse.chunks import ChunkPasses, as_rows, gram_per_row, task_vectors
 from merge_cli.fuse.registry import Method, TensorJob
 
 
@@ -46,10 +46,12 @@ def _per_row(job: TensorJob) -> bool:
 
 
 def _statistics(passes: ChunkPasses, params: ModelStockParams, _models: Any) -> Any:
-    first = next(iter(passes()))
-    if params.filter_wise and _per_row(first):
-        return None
-    return interpolation_ratio(gram_matrix(passes, task_vectors))
+    per_row = []
+    for job in passes():
+        if params.filter_wise and _per_row(job):
+            return None  # one ratio per row: the merge computes it from the row itself
+        per_row.append(gram_per_row(task_vectors(job)))
+    return interpolation_ratio(torch.cat(per_row).sum(0))
 
 
 def _merge(job: TensorJob, params: ModelStockParams, _models: Any, ratio: Any) -> torch.Tensor:
