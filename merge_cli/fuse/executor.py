@@ -23,7 +23,7 @@ from merge_cli.errors import MergeCliError, PlanError
 from merge_cli.fuse.params import TensorParams, count_layers, layer_position, resolve_params
 from merge_cli.fuse.plan import MergePlan, OutputTensor, Source
 from merge_cli.fuse.registry import Method, TensorJob
-from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.checkpoint import Checkpoint, FileRange
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import FuseSpec
@@ -95,8 +95,17 @@ def _read(checkpoints: dict[str, Checkpoint], source: Source, unit: _Unit) -> to
     return checkpoints[model].read(name, None if unit.whole else unit.rows)
 
 
-def _read_unit(checkpoints: dict[str, Checkpoint], unit: _Unit) -> list[torch.Tensor]:
+def _read_unit(checkpoints: dict[str, Checkpoint], unit: _Unit) -> list[torch.Tensor] | FileRange:
+    """The unit's input tensors; for a copied tensor whose bytes a file holds as they are to
+    be saved, just where they lie (the writer copies them file to file)."""
     tensor = unit.tensor
+    if tensor.copy_from is not None:
+        model, name = tensor.copy_from
+        locate = getattr(checkpoints[model], "byte_range", None)
+        if locate is not None:
+            located = locate(name, None if unit.whole else unit.rows)
+            if located.dtype == tensor.dtype:
+                return located
     sources = [tensor.copy_from] if tensor.copy_from else list(tensor.inputs)
     if tensor.base is not None:
         sources.append(tensor.base)
@@ -137,6 +146,9 @@ def execute(
             _prefetched(units, checkpoints, reader, options.prefetch)
         ):
             tensor = unit.tensor
+            if isinstance(raw, FileRange):
+                output.copy(tensor.name, raw)
+                continue
             try:
                 if tensor.copy_from is not None:
                     result = raw[0].to(tensor.dtype)
@@ -215,6 +227,7 @@ class _Run:
             for unit, raw in _prefetched(
                 units, self.checkpoints, self.reader, self.options.prefetch
             ):
+                assert not isinstance(raw, FileRange)  # only copied tensors are located
                 yield from self.block_jobs(tensor, unit.rows, raw)
 
         params = self.params(tensor)
@@ -292,13 +305,23 @@ class _BackgroundWriter:
         self.writer.write(name, data)
         self.progress.advance(data.numel() * data.element_size())
 
+    def _copy(self, name: str, source: FileRange) -> None:
+        self.writer.copy_range(name, source)
+        self.progress.advance(source.nbytes)
+
     def write(self, name: str, data: torch.Tensor) -> None:
+        self._submit(self._write, name, data)
+
+    def copy(self, name: str, source: FileRange) -> None:
+        self._submit(self._copy, name, source)
+
+    def _submit(self, action: Callable[[str, Any], None], name: str, payload: Any) -> None:
         if self.pool is None:
-            self._write(name, data)
+            action(name, payload)
             return
         while len(self.pending) >= WRITE_QUEUE:
             self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(self._write, name, data))
+        self.pending.append(self.pool.submit(action, name, payload))
 
     def __enter__(self) -> _BackgroundWriter:
         return self
@@ -327,7 +350,7 @@ def _units(plan: MergePlan, method: Method, options: ExecutionOptions) -> list[_
 
 def _prefetched(
     units: list[_Unit], checkpoints: dict[str, Checkpoint], pool: ThreadPoolExecutor, prefetch: bool
-) -> Iterator[tuple[_Unit, list[torch.Tensor]]]:
+) -> Iterator[tuple[_Unit, list[torch.Tensor] | FileRange]]:
     """Yield each unit with its raw input tensors, reading the next one in the background."""
     if not prefetch:
         for unit in units:

@@ -69,6 +69,20 @@ class Checkpoint(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Tensor bytes stored in a file: ``shape`` and ``dtype`` from byte ``offset`` on."""
+
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * self.dtype.itemsize
+
+
 def missing_tensor(source: str, name: str) -> CheckpointError:
     return CheckpointError(f"{source}: has no tensor named {name!r}")
 
@@ -106,9 +120,9 @@ class SafetensorsCheckpoint:
         self.info(name)
         return self._file_of[name]
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> FileRange:
+        """Where the bytes of ``name`` (or of its rows ``[start, stop)``) lie on disk."""
         info = self.info(name)
-        path = self._file_of[name]
         shape = list(info.shape)
         offset = self._offset[name]
         if rows is not None and shape:
@@ -116,7 +130,12 @@ class SafetensorsCheckpoint:
             row_bytes = info.nbytes // shape[0] if shape[0] else 0
             offset += start * row_bytes
             shape[0] = max(0, stop - start)
-        tensor = torch.empty(shape, dtype=info.dtype)
+        return FileRange(self._file_of[name], offset, tuple(shape), info.dtype)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        located = self.byte_range(name, rows)
+        path, offset, shape = located.path, located.offset, located.shape
+        tensor = torch.empty(shape, dtype=located.dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         try:
             with open(path, "rb", buffering=0) as handle:

@@ -128,3 +128,32 @@ def test_no_room_for_a_shard_fails_before_writing_it(tmp_path, tensors, monkeypa
         writer.write("a", tensors["a"])
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_copy_range_appends_the_stored_bytes(tmp_path, tensors, monkeypatch, in_kernel):
+    from safetensors.torch import save_file
+
+    from merge_cli.io.checkpoint import SafetensorsCheckpoint
+
+    if not in_kernel:  # a filesystem without copy_file_range: copied by hand
+
+        def unsupported(*_args, **_kwargs):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported, raising=False)
+    save_file(tensors, str(tmp_path / "source.safetensors"))
+    source = SafetensorsCheckpoint([tmp_path / "source.safetensors"], "source", tmp_path)
+    target = tmp_path / "out"
+    with ShardedWriter(target, [infos(tensors)], ["model.safetensors"]) as writer:
+        for name, tensor in tensors.items():
+            if tensor.dim() >= 1 and tensor.shape[0] > 1:  # in two row ranges
+                half = tensor.shape[0] // 2
+                writer.copy_range(name, source.byte_range(name, (0, half)))
+                writer.copy_range(name, source.byte_range(name, (half, tensor.shape[0])))
+            else:
+                writer.copy_range(name, source.byte_range(name))
+        writer.finish()
+    copied = load_file(target / "model.safetensors")
+    assert copied.keys() == tensors.keys()
+    assert all(torch.equal(copied[name], tensors[name]) for name in tensors)
