@@ -1,9 +1,11 @@
 """The streaming executor: runs a per-tensor method over a plan, tensor by tensor.
 
 For each output tensor in plan order it reads the inputs on demand (in row chunks when the
-tensor is larger than the chunk budget), computes in float32 on the chosen device, casts to
-the output dtype and hands the result to the writer. Reads run on a background thread one
-unit ahead, so reading the next tensor overlaps computing and writing the current one.
+tensor is larger than the chunk budget), computes in float32 on the chosen device (on CPU in
+cache-sized row blocks), casts to the output dtype and hands the result to the writer.
+Four threads overlap the work: the main one computes; a reader fetches the next unit; a
+writer appends finished chunks (copied tensors go file to file); and, for methods with
+whole-tensor statistics, a statistician runs the next large tensor's statistics pass.
 Peak memory depends on the chunk budget and the number of inputs, never on the model size.
 """
 
