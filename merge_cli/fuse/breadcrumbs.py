@@ -32,7 +32,7 @@ from pydantic import Field
 from merge_cli.fuse.chunks import ChunkPasses, task_vectors
 from merge_cli.fuse.registry import Method, TensorJob
 from merge_cli.fuse.selection import TopK, magnitude_keys
-from merge_cli.fuse.task_arithmetic import combine_task_vectors, task_vector_params
+from merge_cli.fuse.task_arithmetic import onto_base, task_vector_params
 from merge_cli.fuse.ties import DensityParams, magnitude_top_k
 
 
@@ -73,21 +73,13 @@ def _keep(delta: torch.Tensor, pair: tuple[TopK, TopK] | None, first_row: int):
 
 def _merge_with(elect_sign: bool):
     def merge(job: TensorJob, params: Any, models: list[BreadcrumbsModelParams], stats: Any):
-        assert job.base is not None
         deltas = []
         for delta, pair in zip(task_vectors(job), stats, strict=True):
             if params.empty_without_outliers and pair is not None and pair[0].k == 0:
                 deltas.append(delta.zero_())
             else:
                 deltas.append(_keep(delta, pair, job.rows[0]))
-        return combine_task_vectors(
-            job.base,
-            deltas,
-            [m.weight for m in models],
-            normalize=params.normalize,
-            scale=getattr(params, "lambda"),
-            elect_sign=elect_sign,
-        )
+        return onto_base(job, params, models, deltas, elect_sign=elect_sign)
 
     return merge
 

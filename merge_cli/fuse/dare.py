@@ -32,7 +32,7 @@ from pydantic import Field
 from merge_cli.fuse.chunks import ChunkPasses, as_rows, row_numel, task_vectors, whole_sums
 from merge_cli.fuse.hashing import uniform_range
 from merge_cli.fuse.registry import Method, TensorJob
-from merge_cli.fuse.task_arithmetic import combine_task_vectors, task_vector_params
+from merge_cli.fuse.task_arithmetic import onto_base, task_vector_params
 from merge_cli.fuse.ties import DensityParams
 
 Rescale = Literal[True, False, "l1"]
@@ -104,26 +104,33 @@ def _statistics(passes: ChunkPasses, params: Any, models: list[DensityParams]) -
     return l1_rescale_factors(passes, lambda job: _masks(job, models))
 
 
+def pruned(
+    delta: torch.Tensor,
+    mask: torch.Tensor | None,
+    rescale: Rescale,
+    l1_factor: float | None,
+    keep_probability: Any,
+) -> torch.Tensor:
+    """``delta`` (overwritten) with dropped entries zeroed and the kept ones rescaled: by
+    ``l1_factor`` (``rescale: l1``) or divided by ``keep_probability`` (``rescale: true``)."""
+    if mask is not None:
+        delta *= mask
+    if rescale == "l1":
+        delta *= l1_factor
+    elif rescale and keep_probability is not None:
+        delta /= keep_probability
+    return delta
+
+
 def _merge_with(elect_sign: bool):
     def merge(job: TensorJob, params: Any, models: list[DensityParams], stats: Any):
-        assert job.base is not None
-        deltas = []
-        for i, ((kept, mask), model) in enumerate(zip(_masks(job, models), models, strict=True)):
-            if mask is not None:
-                kept *= mask
-            if params.rescale == "l1":
-                kept *= stats[i]
-            elif params.rescale:
-                kept /= model.density
-            deltas.append(kept)
-        return combine_task_vectors(
-            job.base,
-            deltas,
-            [m.weight for m in models],
-            normalize=params.normalize,
-            scale=getattr(params, "lambda"),
-            elect_sign=elect_sign,
-        )
+        deltas = [
+            pruned(delta, mask, params.rescale, stats and stats[i], model.density)
+            for i, ((delta, mask), model) in enumerate(
+                zip(_masks(job, models), models, strict=True)
+            )
+        ]
+        return onto_base(job, params, models, deltas, elect_sign=elect_sign)
 
     return merge
 

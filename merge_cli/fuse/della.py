@@ -26,9 +26,9 @@ import torch
 from pydantic import Field, model_validator
 
 from merge_cli.fuse.chunks import ChunkPasses, as_rows, task_vectors
-from merge_cli.fuse.dare import RESCALE_FIELD, l1_rescale_factors, random_keep
+from merge_cli.fuse.dare import RESCALE_FIELD, l1_rescale_factors, pruned, random_keep
 from merge_cli.fuse.registry import Method, TensorJob
-from merge_cli.fuse.task_arithmetic import combine_task_vectors, task_vector_params
+from merge_cli.fuse.task_arithmetic import onto_base, task_vector_params
 from merge_cli.fuse.ties import DensityParams
 
 
@@ -123,24 +123,12 @@ def _statistics(passes: ChunkPasses, params: Any, models: list[DellaModelParams]
 
 def _merge_with(elect_sign: bool):
     def merge(job: TensorJob, params: Any, models: list[DellaModelParams], stats: Any):
-        assert job.base is not None
-        deltas = []
-        for i, (pruned, mask, probability) in enumerate(_masked(job, models, stats)):
-            if mask is not None:
-                pruned *= mask
-            if params.rescale == "l1":
-                pruned *= stats["l1"][i]
-            elif params.rescale and probability is not None:
-                pruned /= probability
-            deltas.append(pruned)
-        return combine_task_vectors(
-            job.base,
-            deltas,
-            [m.weight for m in models],
-            normalize=params.normalize,
-            scale=getattr(params, "lambda"),
-            elect_sign=elect_sign,
-        )
+        l1 = stats["l1"] if stats and "l1" in stats else None
+        deltas = [
+            pruned(delta, mask, params.rescale, l1 and l1[i], probability)
+            for i, (delta, mask, probability) in enumerate(_masked(job, models, stats))
+        ]
+        return onto_base(job, params, models, deltas, elect_sign=elect_sign)
 
     return merge
 

@@ -144,6 +144,7 @@ def execute(
             reader,
         )
         ahead = _StatisticsAhead(run, units, statistician)
+        params: TensorParams | None = None  # the current tensor's, resolved at its first unit
         for index, (unit, raw) in enumerate(
             _prefetched(units, checkpoints, reader, options.prefetch)
         ):
@@ -155,7 +156,9 @@ def execute(
                 if tensor.copy_from is not None:
                     result = raw[0].to(tensor.dtype)
                 else:
-                    result = _merge_unit(run, unit, raw, ahead.statistics(index))
+                    if unit.rows[0] == 0 or params is None:
+                        params = run.params(tensor)
+                    result = _merge_unit(run, unit, raw, params, ahead.statistics(index))
             except MergeCliError:
                 raise
             except (ValueError, RuntimeError) as error:
@@ -366,13 +369,16 @@ def _prefetched(
 
 
 def _merge_unit(
-    run: _Run, unit: _Unit, raw: list[torch.Tensor], chunked_statistics: Callable[[], Any]
+    run: _Run,
+    unit: _Unit,
+    raw: list[torch.Tensor],
+    params: TensorParams,
+    chunked_statistics: Callable[[], Any],
 ) -> torch.Tensor:
     """Merge one unit (a whole tensor or a row chunk of it) block by block."""
     tensor = unit.tensor
     method = run.method
     assert method.merge is not None
-    params = run.params(tensor)
     stats = None
     jobs: Iterable[TensorJob] | None = None
     if method.statistics is not None:
@@ -408,7 +414,6 @@ def compute_blocks(
     """
     if not splittable or not shape:
         return [rows]
-    row_bytes = 4 * max(1, int(torch.Size(shape[1:]).numel()))
-    per_block = max(1, COMPUTE_BLOCK_BYTES // row_bytes)
     start, stop = rows
-    return [(s, min(stop, s + per_block)) for s in range(start, max(stop, start + 1), per_block)]
+    blocks = row_chunks((stop - start, *shape[1:]), COMPUTE_BLOCK_BYTES, chunkable=True)
+    return [(start + first, start + last) for first, last in blocks]

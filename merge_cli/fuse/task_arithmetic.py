@@ -99,15 +99,29 @@ def combine_task_vectors(
     return merged.mul_(scale).add_(base)
 
 
-def _merge(job: TensorJob, params: Any, models: list[WeightParams], _stats: Any) -> torch.Tensor:
+def onto_base(
+    job: TensorJob,
+    params: Any,
+    models: list[Any],
+    deltas: list[torch.Tensor],
+    *,
+    elect_sign: bool = False,
+) -> torch.Tensor:
+    """:func:`combine_task_vectors` of ``deltas`` with the models' ``weight`` and the method's
+    ``normalize`` and ``lambda``: the last step of every task-vector method."""
     assert job.base is not None
     return combine_task_vectors(
         job.base,
-        task_vectors(job),
+        deltas,
         [m.weight for m in models],
         normalize=params.normalize,
         scale=getattr(params, "lambda"),
+        elect_sign=elect_sign,
     )
+
+
+def _merge(job: TensorJob, params: Any, models: list[WeightParams], _stats: Any) -> torch.Tensor:
+    return onto_base(job, params, models, task_vectors(job))
 
 
 TaskArithmeticParams = task_vector_params("TaskArithmeticParams", normalize=False)

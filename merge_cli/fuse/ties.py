@@ -27,7 +27,7 @@ from pydantic import Field
 from merge_cli.fuse.chunks import ChunkPasses, task_vectors
 from merge_cli.fuse.registry import Method, TensorJob
 from merge_cli.fuse.selection import TopK, magnitude_keys, select_top_k
-from merge_cli.fuse.task_arithmetic import WeightParams, combine_task_vectors, task_vector_params
+from merge_cli.fuse.task_arithmetic import WeightParams, onto_base, task_vector_params
 
 
 class DensityParams(WeightParams):
@@ -80,19 +80,11 @@ def _statistics(passes: ChunkPasses, _params: Any, models: list[DensityParams]) 
 
 
 def _merge(job: TensorJob, params: Any, models: list[DensityParams], stats: Any) -> torch.Tensor:
-    assert job.base is not None
     deltas = [
         keep_top(delta, top, job.rows[0])
         for delta, top in zip(task_vectors(job), stats, strict=True)
     ]
-    return combine_task_vectors(
-        job.base,
-        deltas,
-        [m.weight for m in models],
-        normalize=params.normalize,
-        scale=getattr(params, "lambda"),
-        elect_sign=True,
-    )
+    return onto_base(job, params, models, deltas, elect_sign=True)
 
 
 TiesParams = task_vector_params("TiesParams", normalize=True)
