@@ -43,7 +43,7 @@ from merge_cli.errors import PlanError
 from merge_cli.fuse.params import count_layers
 from merge_cli.fuse.plan import OutputTensor, output_dtype
 from merge_cli.fuse.registry import Method, TensorJob
-from merge_cli.io.checkpoint import Checkpoint, TensorInfo, missing_tensor
+from merge_cli.io.checkpoint import Checkpoint, TensorInfo, info_of
 from merge_cli.recipe import Recipe
 
 ROUTER_SOURCE = "moe_router"
@@ -133,10 +133,7 @@ class RouterCheckpoint:
         return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise missing_tensor(self.source, name) from None
+        return info_of(self._infos, self.source, name)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         self.info(name)

@@ -87,6 +87,14 @@ def missing_tensor(source: str, name: str) -> CheckpointError:
     return CheckpointError(f"{source}: has no tensor named {name!r}")
 
 
+def info_of(infos: Mapping[str, TensorInfo], source: str, name: str) -> TensorInfo:
+    """``infos[name]``, or the :class:`CheckpointError` saying ``source`` lacks it."""
+    try:
+        return infos[name]
+    except KeyError:
+        raise missing_tensor(source, name) from None
+
+
 class SafetensorsCheckpoint:
     """One or more safetensors files viewed as one checkpoint."""
 
@@ -111,10 +119,7 @@ class SafetensorsCheckpoint:
         return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise missing_tensor(self.source, name) from None
+        return info_of(self._infos, self.source, name)
 
     def file_of(self, name: str) -> Path:
         self.info(name)

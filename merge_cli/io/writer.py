@@ -75,6 +75,19 @@ def preallocate(fd: int, size: int) -> None:
             raise OSError(code, os.strerror(code))
 
 
+def staging_path(target: Path, overwrite: bool) -> Path:
+    """The hidden sibling directory an output is written into before it is renamed to
+    ``target``; refuses a ``target`` that exists (unless ``overwrite``) or is not a directory."""
+    if target.exists() and not overwrite:
+        raise OutputError(
+            f"{target}: output already exists; pass --overwrite to replace it, "
+            "or choose another --out"
+        )
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a directory")
+    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
 def _copy_bytes(source_fd: int, target_fd: int, offset: int, count: int) -> None:
     """Copy ``count`` bytes from ``offset`` of ``source_fd`` to the position of ``target_fd``."""
     copy_file_range = getattr(os, "copy_file_range", None)
@@ -117,14 +130,7 @@ class ShardedWriter:
         self.shards = shards
         self.file_names = file_names
         self.overwrite = overwrite
-        if target.exists() and not overwrite:
-            raise OutputError(
-                f"{target}: output already exists; pass --overwrite to replace it, "
-                "or choose another --out"
-            )
-        if target.exists() and not target.is_dir():
-            raise OutputError(f"{target}: exists and is not a directory")
-        self.temp = target.parent / f".{target.name}.partial-{os.getpid()}"
+        self.temp = staging_path(target, overwrite)
         self._shard = -1
         self._handle = None
         self._expected: list[tuple[TensorInfo, int]] = []  # (tensor, bytes still to write)
@@ -308,14 +314,7 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target is never left half-written, and an existing target is replaced only with
     ``overwrite``.
     """
-    if target.exists() and not overwrite:
-        raise OutputError(
-            f"{target}: output already exists; pass --overwrite to replace it, "
-            "or choose another --out"
-        )
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"{target}: exists and is not a directory")
-    temp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    temp = staging_path(target, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if temp.exists():
