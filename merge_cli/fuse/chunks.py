@@ -73,9 +73,11 @@ def gram_per_row(vectors: list[torch.Tensor]) -> torch.Tensor:
 def gram_matrix(
     passes: ChunkPasses, vectors: Callable[[TensorJob], list[torch.Tensor]]
 ) -> torch.Tensor:
-    """Gram matrix ``G[i, j] = <v_i, v_j>`` (float64) of n vectors over the whole tensor.
+    """Gram matrix ``G[i, j] = <v_i, v_j>`` (float64, on the CPU) of n vectors over the whole
+    tensor.
 
     Norms, angles and every linear combination's norm follow from it, which is all SLERP,
-    multi-SLERP, the Karcher mean and model stock need from the whole tensor.
+    multi-SLERP, the Karcher mean and model stock need from the whole tensor. It is returned on
+    the CPU whatever the compute device: the methods do scalar algebra on it there.
     """
-    return whole_sums(passes, lambda job: gram_per_row(vectors(job)))
+    return whole_sums(passes, lambda job: gram_per_row(vectors(job))).cpu()
