@@ -23,7 +23,9 @@ Differences from mergekit, by name:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -59,20 +61,46 @@ def random_keep(job: TensorJob, model_index: int, keep_probability: Any) -> torc
     return draws.reshape(chunk.shape).lt_(keep_probability)
 
 
-def l1_rescale_factors(
+@dataclass
+class L1Rescale:
+    """mergekit's L1 rescaling of one tensor: a factor per model, and the keep masks drawn
+    for it (uint8 1/0 per model, None where all is kept, by compute-block rows) when they fit
+    the job's ``keep_bytes``: drawing them is most of DARE's work."""
+
+    factors: list[float]
+    masks: dict[tuple[int, int], list[torch.Tensor | None]]
+
+    def drawn_masks(self, job: TensorJob) -> list[torch.Tensor | None] | None:
+        """The float masks drawn for ``job``'s block (handed out once), or None."""
+        kept = self.masks.pop(job.rows, None)
+        if kept is None:
+            return None
+        return [None if mask is None else mask.to(torch.float32) for mask in kept]
+
+
+def l1_rescale(
     passes: ChunkPasses,
     masked: Callable[[TensorJob], list[tuple[torch.Tensor, torch.Tensor | None]]],
-) -> list[float]:
+) -> L1Rescale:
     """mergekit's L1 rescaling: ||tau||_1 / ||pruned tau||_1 per model, over the whole tensor.
 
     ``masked(job)`` gives each model's task vector chunk and its keep mask (float 1/0; None
     keeps everything); the task vectors may be overwritten. A factor is 1 when either norm
     is below 1e-7, as in mergekit.
     """
+    masks: dict[tuple[int, int], list[torch.Tensor | None]] = {}
+    keep: bool | None = None  # whether to keep the masks, decided at the first block
 
     def per_row(job: TensorJob) -> torch.Tensor:
+        nonlocal keep
+        pairs = masked(job)
+        if keep is None:
+            drawn = sum(mask is not None for _, mask in pairs)
+            keep = math.prod(job.shape) * drawn <= job.keep_bytes
+        if keep:
+            masks[job.rows] = [None if m is None else m.to(torch.uint8) for _, m in pairs]
         columns = []
-        for delta, mask in masked(job):
+        for delta, mask in pairs:
             magnitude = as_rows(delta).abs_()
             # Each row summed in float32 (a few thousand entries), rows added in float64:
             # three times faster than converting every entry to float64.
@@ -85,23 +113,28 @@ def l1_rescale_factors(
     factors = []
     for before, after in zip(sums[0::2], sums[1::2], strict=True):
         factors.append(1.0 if before < 1e-7 or after < 1e-7 else before / after)
-    return factors
+    return L1Rescale(factors, masks)
 
 
 def _masks(
-    job: TensorJob, models: list[DensityParams]
+    job: TensorJob, models: list[DensityParams], l1: L1Rescale | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Each model's task vector and its random keep mask (None at density 1)."""
+    """Each model's task vector and its random keep mask (None at density 1), drawn here or
+    taken from the statistics pass."""
+    deltas = task_vectors(job)
+    drawn = l1.drawn_masks(job) if l1 is not None else None
+    if drawn is not None:
+        return list(zip(deltas, drawn, strict=True))
     return [
         (delta, None if model.density >= 1 else random_keep(job, i, model.density))
-        for i, (delta, model) in enumerate(zip(task_vectors(job), models, strict=True))
+        for i, (delta, model) in enumerate(zip(deltas, models, strict=True))
     ]
 
 
 def _statistics(passes: ChunkPasses, params: Any, models: list[DensityParams]) -> Any:
     if params.rescale != "l1":
         return None
-    return l1_rescale_factors(passes, lambda job: _masks(job, models))
+    return l1_rescale(passes, lambda job: _masks(job, models))
 
 
 def pruned(
@@ -125,9 +158,9 @@ def pruned(
 def _merge_with(elect_sign: bool):
     def merge(job: TensorJob, params: Any, models: list[DensityParams], stats: Any):
         deltas = [
-            pruned(delta, mask, params.rescale, stats and stats[i], model.density)
+            pruned(delta, mask, params.rescale, stats and stats.factors[i], model.density)
             for i, ((delta, mask), model) in enumerate(
-                zip(_masks(job, models), models, strict=True)
+                zip(_masks(job, models, stats), models, strict=True)
             )
         ]
         return onto_base(job, params, models, deltas, elect_sign=elect_sign)

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 
 from merge_cli.fuse.chunks import ChunkPasses, as_rows, task_vectors
-from merge_cli.fuse.dare import RESCALE_FIELD, l1_rescale_factors, pruned, random_keep
+from merge_cli.fuse.dare import RESCALE_FIELD, l1_rescale, pruned, random_keep
 from merge_cli.fuse.registry import Method, TensorJob
 from merge_cli.fuse.task_arithmetic import onto_base, task_vector_params
 from merge_cli.fuse.ties import DensityParams
@@ -90,9 +90,15 @@ def _ranks(job: TensorJob, stats: Any, model_index: int, delta: torch.Tensor) ->
 
 
 def _masked(job: TensorJob, models: list[DellaModelParams], stats: Any):
-    """Each model's (task vector, keep mask or None, keep probability or None)."""
+    """Each model's (task vector, keep mask or None, keep probability or None); the masks of
+    ``rescale: l1`` come from its statistics pass where it kept them (no probabilities:
+    l1 does not divide by them)."""
+    deltas = task_vectors(job)
+    drawn = stats["l1"].drawn_masks(job) if stats and "l1" in stats else None
+    if drawn is not None:
+        return [(delta, mask, None) for delta, mask in zip(deltas, drawn, strict=True)]
     out = []
-    for i, (delta, model) in enumerate(zip(task_vectors(job), models, strict=True)):
+    for i, (delta, model) in enumerate(zip(deltas, models, strict=True)):
         if model.density >= 1:
             out.append((delta, None, None))
             continue
@@ -115,7 +121,7 @@ def _statistics(passes: ChunkPasses, params: Any, models: list[DellaModelParams]
             rank_fraction(torch.cat(p).reshape(1, -1)).reshape(-1) for p in pieces
         ]
     if params.rescale == "l1":
-        stats["l1"] = l1_rescale_factors(
+        stats["l1"] = l1_rescale(
             passes, lambda job: [(d, m) for d, m, _ in _masked(job, models, stats or None)]
         )
     return stats or None
@@ -123,7 +129,7 @@ def _statistics(passes: ChunkPasses, params: Any, models: list[DellaModelParams]
 
 def _merge_with(elect_sign: bool):
     def merge(job: TensorJob, params: Any, models: list[DellaModelParams], stats: Any):
-        l1 = stats["l1"] if stats and "l1" in stats else None
+        l1 = stats["l1"].factors if stats and "l1" in stats else None
         deltas = [
             pruned(delta, mask, params.rescale, l1 and l1[i], probability)
             for i, (delta, mask, probability) in enumerate(_masked(job, models, stats))

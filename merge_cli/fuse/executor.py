@@ -37,6 +37,10 @@ DEFAULT_CHUNK_BYTES = 8 * 2**20
 COMPUTE_BLOCK_BYTES = 2**20
 #: Merged chunks queued for the writer thread before computing waits for it.
 WRITE_QUEUE = 2
+#: A chunked tensor whose inputs take at most this many chunk budgets (as stored) is read
+#: once: its statistics pass keeps the chunks for the merge (see _Run.chunked_statistics).
+#: A method's statistics may keep half as much again (TensorJob.keep_bytes).
+KEPT_CHUNK_BUDGETS = 12
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,24 @@ class _Unit:
     tensor: OutputTensor
     rows: tuple[int, int]
     whole: bool
+
+
+def input_bytes(checkpoints: dict[str, Checkpoint], tensor: OutputTensor) -> int:
+    """Bytes of a merged tensor's inputs as stored (the models' and the base's)."""
+    sources = [*tensor.inputs, *([tensor.base] if tensor.base is not None else [])]
+    return sum(checkpoints[model].info(name).nbytes for model, name in sources)
+
+
+def keeps_inputs(
+    method: Method, checkpoints: dict[str, Checkpoint], tensor: OutputTensor, chunk_bytes: int
+) -> bool:
+    """Whether the statistics pass over ``tensor`` keeps its chunks for the merge."""
+    return (
+        method.statistics is not None
+        and tensor.copy_from is None
+        and len(row_chunks(tensor.shape, chunk_bytes, method.chunkable)) > 1
+        and input_bytes(checkpoints, tensor) <= KEPT_CHUNK_BUDGETS * chunk_bytes
+    )
 
 
 def _read(checkpoints: dict[str, Checkpoint], source: Source, unit: _Unit) -> torch.Tensor:
@@ -146,7 +168,7 @@ def execute(
         ahead = _StatisticsAhead(run, units, statistician)
         params: TensorParams | None = None  # the current tensor's, resolved at its first unit
         for index, (unit, raw) in enumerate(
-            _prefetched(units, checkpoints, reader, options.prefetch)
+            _prefetched(units, checkpoints, reader, options.prefetch, skip=run.kept)
         ):
             tensor = unit.tensor
             if isinstance(raw, FileRange):
@@ -158,7 +180,10 @@ def execute(
                 else:
                     if unit.rows[0] == 0 or params is None:
                         params = run.params(tensor)
-                    result = _merge_unit(run, unit, raw, params, ahead.statistics(index))
+                    statistics = ahead.take(index)
+                    if raw is None:  # kept by the statistics pass
+                        raw = statistics.kept.pop(unit.rows)
+                    result = _merge_unit(run, unit, raw, params, statistics)
             except MergeCliError:
                 raise
             except (ValueError, RuntimeError) as error:
@@ -180,6 +205,12 @@ class _Run:
     num_layers: int
     reader: ThreadPoolExecutor
 
+    def kept(self, unit: _Unit) -> bool:
+        """Whether the statistics pass over the unit's tensor keeps its chunks."""
+        return not unit.whole and keeps_inputs(
+            self.method, self.checkpoints, unit.tensor, self.options.chunk_bytes
+        )
+
     def params(self, tensor: OutputTensor) -> TensorParams:
         position = layer_position(tensor.name, self.num_layers)
         return resolve_params(self.spec, self.method, self.plan.model_names, tensor.name, position)
@@ -197,7 +228,10 @@ class _Run:
             ]
         base = values.pop() if tensor.base is not None else None
         seed = tensor_seed(self.spec.seed, tensor.name)
-        return TensorJob(tensor.name, values, base, rows, tensor.shape, seed, tensor.dtype)
+        keep_bytes = KEPT_CHUNK_BUDGETS * self.options.chunk_bytes // 2
+        return TensorJob(
+            tensor.name, values, base, rows, tensor.shape, seed, tensor.dtype, keep_bytes
+        )
 
     def block_jobs(
         self, tensor: OutputTensor, rows: tuple[int, int], inputs: list[torch.Tensor]
@@ -218,25 +252,49 @@ class _Run:
             part = [x[offset : offset + stop - start] for x in inputs]
             yield self.to_job(tensor, (start, stop), part)
 
-    def chunked_statistics(self, tensor: OutputTensor) -> Any:
+    def chunked_statistics(self, tensor: OutputTensor) -> _TensorStatistics:
         """A chunked tensor's whole-tensor statistics, from passes over all its chunks.
 
         Each pass reads one chunk ahead and yields the same compute blocks that ``merge``
         will see, so statistics kept per block (TIES's ties before each block) line up.
+        When the tensor's inputs are small enough (:func:`keeps_inputs`), the first pass
+        keeps the chunks as read: later passes and the merge use them instead of reading
+        the files again (a TinyLlama MLP matrix of three bf16 models is 69 MB).
         """
         assert self.method.statistics is not None
         rows = row_chunks(tensor.shape, self.options.chunk_bytes, self.method.chunkable)
+        units = [_Unit(tensor, chunk, False) for chunk in rows]
+        keep = keeps_inputs(self.method, self.checkpoints, tensor, self.options.chunk_bytes)
+        kept: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+        def chunks() -> Iterator[tuple[tuple[int, int], list[torch.Tensor]]]:
+            yield from list(kept.items())  # the chunks kept are always the first ones
+            for unit, raw in _prefetched(
+                units[len(kept) :], self.checkpoints, self.reader, self.options.prefetch
+            ):
+                assert isinstance(raw, list)  # only copied tensors are located
+                if keep:
+                    kept[unit.rows] = raw
+                yield unit.rows, raw
 
         def passes() -> Iterator[TensorJob]:
-            units = [_Unit(tensor, chunk, False) for chunk in rows]
-            for unit, raw in _prefetched(
-                units, self.checkpoints, self.reader, self.options.prefetch
-            ):
-                assert not isinstance(raw, FileRange)  # only copied tensors are located
-                yield from self.block_jobs(tensor, unit.rows, raw)
+            for chunk_rows, raw in chunks():
+                yield from self.block_jobs(tensor, chunk_rows, raw)
 
         params = self.params(tensor)
-        return self.method.statistics(passes, params.method, params.models)
+        value = self.method.statistics(passes, params.method, params.models)
+        if keep:  # the passes may have stopped early: the merge needs every chunk
+            for _ in chunks():
+                pass
+        return _TensorStatistics(value, kept)
+
+
+@dataclass
+class _TensorStatistics:
+    """A chunked tensor's statistics and the chunks its pass kept (``rows -> inputs``)."""
+
+    value: Any
+    kept: dict[tuple[int, int], list[torch.Tensor]]
 
 
 class _StatisticsAhead:
@@ -267,27 +325,24 @@ class _StatisticsAhead:
         if tensor.name not in self.futures:
             self.futures[tensor.name] = self.pool.submit(self.run.chunked_statistics, tensor)
 
-    def statistics(self, index: int) -> Callable[[], Any]:
-        """A function giving the statistics of unit ``index``'s tensor (from a pass of their
-        own; called only for chunked tensors), submitting the next tensor's meanwhile."""
+    def take(self, index: int) -> _TensorStatistics | None:
+        """The statistics of unit ``index``'s tensor when it is chunked and the method has
+        statistics (from a pass of their own), else None; submits the next tensor's."""
         unit = self.units[index]
         tensor = unit.tensor
+        if unit.whole or self.run.method.statistics is None:
+            return None
         if index in self.positions:
             self._submit(self.positions[index])
             self._submit(self.positions[index] + 1)
-        last = unit.rows[1] >= (tensor.shape[0] if tensor.shape else 0)
-
-        def get() -> Any:
-            future = self.futures.get(tensor.name)
-            if future is None:  # no statistics thread: compute here, once per tensor
-                future = Future()
-                future.set_result(self.run.chunked_statistics(tensor))
-                self.futures[tensor.name] = future
-            if last:
-                self.futures.pop(tensor.name, None)
-            return future.result()
-
-        return get
+        future = self.futures.get(tensor.name)
+        if future is None:  # no statistics thread: compute here, once per tensor
+            future = Future()
+            future.set_result(self.run.chunked_statistics(tensor))
+            self.futures[tensor.name] = future
+        if unit.rows[1] >= tensor.shape[0]:  # the tensor's last unit
+            self.futures.pop(tensor.name)
+        return future.result()
 
 
 class _BackgroundWriter:
@@ -354,17 +409,30 @@ def _units(plan: MergePlan, method: Method, options: ExecutionOptions) -> list[_
 
 
 def _prefetched(
-    units: list[_Unit], checkpoints: dict[str, Checkpoint], pool: ThreadPoolExecutor, prefetch: bool
-) -> Iterator[tuple[_Unit, list[torch.Tensor] | FileRange]]:
-    """Yield each unit with its raw input tensors, reading the next one in the background."""
+    units: list[_Unit],
+    checkpoints: dict[str, Checkpoint],
+    pool: ThreadPoolExecutor,
+    prefetch: bool,
+    skip: Callable[[_Unit], bool] = lambda _unit: False,
+) -> Iterator[tuple[_Unit, list[torch.Tensor] | FileRange | None]]:
+    """Yield each unit with its raw input tensors, reading the next one in the background;
+    units that ``skip`` names are yielded with None, unread."""
+
+    def read(unit: _Unit) -> Future:
+        if prefetch and not skip(unit):
+            return pool.submit(_read_unit, checkpoints, unit)
+        done: Future = Future()
+        done.set_result(None if skip(unit) else _read_unit(checkpoints, unit))
+        return done
+
     if not prefetch:
         for unit in units:
-            yield unit, _read_unit(checkpoints, unit)
+            yield unit, read(unit).result()
         return
     pending: Future | None = None
     for i, unit in enumerate(units):
-        current = pending or pool.submit(_read_unit, checkpoints, unit)
-        pending = pool.submit(_read_unit, checkpoints, units[i + 1]) if i + 1 < len(units) else None
+        current = pending or read(unit)
+        pending = read(units[i + 1]) if i + 1 < len(units) else None
         yield unit, current.result()
 
 
@@ -373,9 +441,10 @@ def _merge_unit(
     unit: _Unit,
     raw: list[torch.Tensor],
     params: TensorParams,
-    chunked_statistics: Callable[[], Any],
+    chunked_statistics: _TensorStatistics | None,
 ) -> torch.Tensor:
-    """Merge one unit (a whole tensor or a row chunk of it) block by block."""
+    """Merge one unit (a whole tensor or a row chunk of it) block by block; a chunk of a
+    tensor with statistics comes with them."""
     tensor = unit.tensor
     method = run.method
     assert method.merge is not None
@@ -387,7 +456,8 @@ def _merge_unit(
             jobs = list(run.block_jobs(tensor, unit.rows, raw))
             stats = method.statistics(lambda: iter(jobs), params.method, params.models)
         else:
-            stats = chunked_statistics()
+            assert chunked_statistics is not None
+            stats = chunked_statistics.value
     first = unit.rows[0]
     out = None
     for job in jobs if jobs is not None else run.block_jobs(tensor, unit.rows, raw):

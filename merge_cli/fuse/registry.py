@@ -52,6 +52,8 @@ class TensorJob:
     (saving memory traffic) once it no longer needs the original values. A method whose
     entry sets ``stored_dtype_inputs`` gets them in their stored dtype instead, and must
     leave them untouched. ``out_dtype`` is the dtype saved: a method may return it directly.
+    ``keep_bytes`` is how much a statistics pass may keep for the tensor's merge (say, the
+    random masks it drew), so that memory stays within the executor's budget.
     """
 
     name: str
@@ -61,6 +63,7 @@ class TensorJob:
     shape: tuple[int, ...]
     seed: int
     out_dtype: torch.dtype = torch.float32
+    keep_bytes: int = 0
 
 
 #: (job, method params, per-model params, statistics) -> merged chunk

@@ -102,3 +102,58 @@ def test_statistics_ahead_equal_statistics_in_line(tmp_path, monkeypatch, method
     assert all(torch.equal(threaded[k], in_line[k]) for k in threaded)
     # without the thread, each chunked tensor's statistics pass runs once
     assert sorted(calls) == sorted(f"layers.{i}.weight" for i in range(4))
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("ties", {"density": 0.5}),
+        ("dare_ties", {"density": 0.5, "rescale": "l1"}),
+        ("della", {"density": 0.5, "epsilon": 0.1, "rescale": "l1"}),
+        ("model_stock", {}),
+        ("model_stock", {"filter_wise": True}),  # its statistics stop at the first block
+    ],
+)
+def test_kept_chunks_and_masks_are_read_and_drawn_once_and_change_nothing(
+    tmp_path, monkeypatch, method, params
+):
+    """A chunked tensor small enough for the keep budget is read once (the statistics pass
+    keeps its chunks for the merge) and DARE/DELLA draw its masks once; the output is the
+    same as with nothing kept, and as with only the masks kept."""
+    from merge_cli.fuse import dare, della
+    from tests.fuse.fuse_harness import merge, random_models
+
+    models = random_models(["base", "a", "b"], {"w": (40, 8), "norm": (8,)})
+    reads: list[tuple[str, tuple[int, int]]] = []
+    draws = []
+    original_read, original_keep = executor._read, dare.random_keep
+
+    def counted_read(checkpoints, source, unit):
+        reads.append((source[0], unit.rows))
+        return original_read(checkpoints, source, unit)
+
+    def counted_keep(*args):
+        draws.append(args[1])
+        return original_keep(*args)
+
+    monkeypatch.setattr(executor, "_read", counted_read)
+    monkeypatch.setattr(dare, "random_keep", counted_keep)
+    monkeypatch.setattr(della, "random_keep", counted_keep)
+    outputs, counts = {}, {}
+    # "w" is 10 chunks of 4 rows; its inputs take 3840 bytes and DARE's masks 640 bytes
+    for budgets in (0, 12, 1000):  # keep nothing; only the masks; the chunks and the masks
+        monkeypatch.setattr(executor, "KEPT_CHUNK_BUDGETS", budgets)
+        reads.clear()
+        draws.clear()
+        outputs[budgets] = merge(tmp_path, method, models, params=params, chunk_bytes=128)
+        chunk_reads = [entry for entry in reads if entry[1] != (0, 8)]  # not "norm"
+        counts[budgets] = (len(chunk_reads), len(set(chunk_reads)), len(draws))
+    for budgets in (12, 1000):
+        assert all(torch.equal(outputs[budgets][k], outputs[0][k]) for k in outputs[0])
+    # each chunk of each input is read once (a pass stopped early, as della's first and
+    # model_stock's filter-wise, wastes the one chunk read ahead)
+    assert counts[1000][1] == 30 and counts[1000][0] <= 33
+    assert counts[0][0] > 30 and counts[12][0] == counts[0][0]
+    if method in ("dare_ties", "della"):
+        # the merge draws nothing: 10 chunks of "w" and "norm" once, for 2 models
+        assert counts[12][2] == counts[1000][2] == counts[0][2] - 22
