@@ -17,7 +17,14 @@ import yaml
 
 from merge_cli import __version__, fuse
 from merge_cli.errors import OutputError, PlanError
-from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, ExecutionOptions, execute
+from merge_cli.fuse.executor import (
+    DEFAULT_CHUNK_BYTES,
+    KEPT_CHUNK_BUDGETS,
+    ExecutionOptions,
+    execute,
+    input_bytes,
+    keeps_inputs,
+)
 from merge_cli.fuse.plan import MergePlan, build_plan, output_dtype
 from merge_cli.fuse.registry import Method, ModelFuseResult
 from merge_cli.fuse.vocab import (
@@ -160,7 +167,10 @@ def plan_summary(
     checkpoints = plan.sources(checkpoints)
     read = 0
     largest_chunk = 0
+    largest_kept = 0
     for tensor in plan.tensors:
+        if keeps_inputs(method, checkpoints, tensor, chunk_bytes):
+            largest_kept = max(largest_kept, input_bytes(checkpoints, tensor))
         sources = [tensor.copy_from] if tensor.copy_from else list(tensor.inputs)
         if tensor.base:
             sources.append(tensor.base)
@@ -175,8 +185,12 @@ def plan_summary(
         chunk_elems = min(rows, max(1, chunk_bytes // (4 * row_elems))) * row_elems
         largest_chunk = max(largest_chunk, chunk_elems * len(sources))
     # per input element in flight: raw read (<=4 B) + float32 copy (4 B); x2 for read-ahead;
-    # plus the float32 result and its cast. The interpreter and torch add ~0.3 GB.
+    # plus the float32 result and its cast. Two tensors' statistics (the merge's and the one
+    # ahead) may hold their inputs (a tensor read once) and what a method keeps for its merge
+    # (TensorJob.keep_bytes). The interpreter and torch add ~0.3 GB.
     in_flight = largest_chunk * (4 + 4) * 2 + largest_chunk // max(1, len(plan.model_names)) * 8
+    if method.statistics is not None:
+        in_flight += 2 * (largest_kept + KEPT_CHUNK_BUDGETS * chunk_bytes // 2)
     return {
         "method": method.name,
         "models": plan.model_names,
