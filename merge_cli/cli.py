@@ -122,7 +122,9 @@ def run(
     ] = 8,
     threads: Annotated[
         int | None,
-        typer.Option(help="CPU threads for compute (default: all cores but one).", min=1),
+        typer.Option(
+            help="CPU threads for compute (default: all cores but one, at most 4).", min=1
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -51,7 +51,7 @@ class RunOptions:
     overwrite: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     progress: Progress = field(default_factory=NullProgress)
-    #: CPU threads for compute (None: all cores but one; see executor.compute_threads).
+    #: CPU threads for compute (None: all cores but one, at most 4; executor.compute_threads).
     threads: int | None = None
 
 

@@ -10,13 +10,16 @@ with positioned reads (``os.preadv``) of exactly the requested bytes into a fres
 rather than through ``safe_open``'s memory map: pages of a mapped file count in the process's
 resident set and are read lazily by page faults wherever the data is first touched, whereas
 explicit reads keep peak RSS bounded by the tensors in flight and let the executor's
-read-ahead thread do the I/O while the main thread computes.
+read-ahead thread do the I/O while the main thread computes. Each file stays open from its
+first read on, marked for sequential access, so that the kernel's read-ahead follows the
+chunks as they are read (a file opened per read starts its read-ahead afresh every time).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
@@ -114,6 +117,8 @@ class SafetensorsCheckpoint:
                 self._infos[info.name] = info
                 self._file_of[info.name] = file
                 self._offset[info.name] = offset
+        self._descriptors: dict[Path, int] = {}  # files opened for reading, closed with self
+        weakref.finalize(self, _close_all, self._descriptors)
 
     def tensor_names(self) -> list[str]:
         return list(self._infos)
@@ -143,16 +148,34 @@ class SafetensorsCheckpoint:
         tensor = torch.empty(shape, dtype=located.dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         try:
-            with open(path, "rb", buffering=0) as handle:
-                done = 0
-                while done < buffer.nbytes:
-                    count = os.preadv(handle.fileno(), [buffer[done:]], offset + done)
-                    if count == 0:
-                        raise OSError(f"unexpected end of file at byte {offset + done}")
-                    done += count
+            descriptor = self._descriptor(path)
+            done = 0
+            while done < buffer.nbytes:
+                count = os.preadv(descriptor, [buffer[done:]], offset + done)
+                if count == 0:
+                    raise OSError(f"unexpected end of file at byte {offset + done}")
+                done += count
         except OSError as error:
             raise CheckpointError(f"{path}: cannot read tensor {name!r}: {error}") from error
         return tensor
+
+    def _descriptor(self, path: Path) -> int:
+        """``path`` opened for reading (once; positioned reads from any thread share it)."""
+        descriptor = self._descriptors.get(path)
+        if descriptor is None:
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if self._descriptors.setdefault(path, descriptor) != descriptor:
+                os.close(descriptor)  # another thread opened it first
+                descriptor = self._descriptors[path]
+        return descriptor
+
+
+def _close_all(descriptors: dict[Path, int]) -> None:
+    for descriptor in descriptors.values():
+        os.close(descriptor)
+    descriptors.clear()
 
 
 def _read_safetensors_header(path: Path) -> list[tuple[TensorInfo, int]]:

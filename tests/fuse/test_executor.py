@@ -16,10 +16,12 @@ from tests.conftest import load_safetensors_dir
 from tests.fuse.test_linear import linear_recipe
 
 
-def test_compute_leaves_one_core_to_the_reads(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert compute_threads(None) == 7
-    assert compute_threads(3) == 3
+def test_compute_leaves_one_core_to_the_reads_and_takes_at_most_four(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert compute_threads(None) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert compute_threads(None) == 4
+    assert compute_threads(12) == 12
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert compute_threads(None) == 1
 

@@ -49,6 +49,34 @@ def test_sharded_directory_with_and_without_index(tiny_llamas, tmp_path):
     assert torch.equal(with_index.read(name), without_index.read(name))
 
 
+def test_each_shard_is_opened_once_and_closed_with_the_checkpoint(tiny_llamas, monkeypatch):
+    """Reads share one descriptor per file (the kernel's read-ahead then follows the chunks
+    read in turn); the descriptors close when the checkpoint is collected."""
+    import gc
+    import os
+
+    opened = []
+    original_open = os.open
+
+    def counted_open(path, *args, **kwargs):
+        opened.append(descriptor := original_open(path, *args, **kwargs))
+        return descriptor
+
+    monkeypatch.setattr(os, "open", counted_open)
+    checkpoint = open_checkpoint(str(tiny_llamas["base"]))
+    names = checkpoint.tensor_names()
+    for name in names:
+        checkpoint.read(name)
+        checkpoint.read(name, (0, 1))
+    shards = {checkpoint.file_of(name) for name in names}
+    assert len(shards) > 1 and len(opened) == len(shards)
+    del checkpoint
+    gc.collect()
+    for descriptor in opened:
+        with pytest.raises(OSError):
+            os.fstat(descriptor)
+
+
 def test_torch_state_dict_loads_safely(tmp_path, state):
     path = tmp_path / "pytorch_model.bin"
     torch.save(state, path)
