@@ -5,7 +5,8 @@ tensor is larger than the chunk budget), computes in float32 on the chosen devic
 cache-sized row blocks), casts to the output dtype and hands the result to the writer.
 Four threads overlap the work: the main one computes; a reader fetches the next unit; a
 writer appends finished chunks (copied tensors go file to file); and, for methods with
-whole-tensor statistics, a statistician runs the next large tensor's statistics pass.
+whole-tensor statistics, a statistician runs the next large tensor's statistics pass, keeping
+the chunks it read for the merge when they fit a budget (such a tensor is read once).
 Peak memory depends on the chunk budget and the number of inputs, never on the model size.
 """
 
