@@ -5,8 +5,10 @@ Generates TinyLlama-1.1B-shaped sharded bf16 checkpoints (hidden 2048, intermedi
 generator — a base and three "fine-tunes" (the base plus a seeded delta) — then, for each
 method, writes one mergekit YAML file and runs it with ``mergekit-yaml`` (CPU, lazy
 unpickling, no tokenizer copy) and with ``merge-cli run`` on the very same file, with a warm
-page cache for both. Prints wall time, peak RSS and the speed-up per method. mergekit is not a
-dependency of merge-cli: install it in a scratch environment, e.g.
+page cache for both. Prints wall time, peak RSS and the speed-up per method; with
+``--repeat N`` the two tools run N times each, in turn, and the medians are reported (this
+benchmark's machine is shared, and single runs of the same command vary by 20% or more).
+mergekit is not a dependency of merge-cli: install it in a scratch environment, e.g.
 
     python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5
     python scripts/bench_mergekit.py --mergekit /tmp/mk/bin/mergekit-yaml --root /tmp/bench
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -146,6 +149,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/merge-cli-bench-mergekit"))
     parser.add_argument("--methods", nargs="+", default=list(CONFIGS))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool (medians kept)")
     args = parser.parse_args()
     models = make_models(args.root)
     inputs = sorted(models.rglob("*.safetensors"))
@@ -154,19 +158,22 @@ def main() -> None:
         config = args.root / f"{method}.yaml"
         text = yaml.safe_dump({**CONFIGS[method], "dtype": "bfloat16"}, sort_keys=False)
         config.write_text(text.replace("M/", f"{models}/"))
-        times = {}
-        for tool in ("mergekit", "merge-cli"):
-            out = args.root / f"out-{tool}"
-            shutil.rmtree(out, ignore_errors=True)
-            if tool == "mergekit":
-                command = [args.mergekit, str(config), str(out), "--lazy-unpickle",
-                           "--no-copy-tokenizer", "--quiet"]  # fmt: skip
-            else:
-                command = [sys.executable, "-m", "merge_cli", "run", str(config), "--out",
-                           str(out), "--json"]  # fmt: skip
-            bench.warm(inputs)
-            times[tool] = timed(command, args.root)
-            shutil.rmtree(out, ignore_errors=True)
+        runs: dict[str, list[tuple[float, int]]] = {"mergekit": [], "merge-cli": []}
+        for _ in range(args.repeat):
+            for tool in runs:
+                out = args.root / f"out-{tool}"
+                shutil.rmtree(out, ignore_errors=True)
+                if tool == "mergekit":
+                    command = [args.mergekit, str(config), str(out), "--lazy-unpickle",
+                               "--no-copy-tokenizer", "--quiet"]  # fmt: skip
+                else:
+                    command = [sys.executable, "-m", "merge_cli", "run", str(config), "--out",
+                               str(out), "--json"]  # fmt: skip
+                bench.warm(inputs)
+                runs[tool].append(timed(command, args.root))
+                shutil.rmtree(out, ignore_errors=True)
+        times = {tool: (statistics.median(s for s, _ in r), max(m for _, m in r))
+                 for tool, r in runs.items()}  # fmt: skip
         row = {
             "method": method,
             "mergekit_s": round(times["mergekit"][0], 1),
@@ -175,6 +182,8 @@ def main() -> None:
             "mergekit_rss_mb": round(times["mergekit"][1] / 2**20),
             "merge_cli_rss_mb": round(times["merge-cli"][1] / 2**20),
         }
+        if args.repeat > 1:
+            row["runs_s"] = {tool: [round(s, 1) for s, _ in r] for tool, r in runs.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.keep:
