@@ -185,6 +185,9 @@ def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> P
         fuse["models"] = {f"m{i}": {"weight": 0.5} for i in range(len(rest))}
         if method in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "della"):
             fuse["params"] = {"density": 0.5}
+        if method in ("dare_ties", "dare_linear", "della"):
+            # mergekit's rescaling, whose whole-tensor statistics pass holds the most memory
+            fuse["params"]["rescale"] = "l1"
     recipe = {"models": names, "fuse": fuse, "save": {"path": str(out), "dtype": "bfloat16"}}
     path = directory / f"{method}.json"  # JSON is YAML
     path.write_text(json.dumps(recipe))

@@ -11,6 +11,7 @@ xored with a key mixed from the seed and stream, so different streams get unrela
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -41,6 +42,18 @@ def uniform_range(seed: int, stream: int, start: int, count: int, device=None) -
     ``uniform < p`` holds with probability ``p`` rounded to 24 bits.
     """
     return _hash24(stream_key(seed, stream), start, count, device).to(torch.float32).mul_(2**-24)
+
+
+def uniform_below(
+    seed: int, stream: int, start: int, count: int, probability: float, device=None
+) -> torch.Tensor:
+    """``uniform_range(...) < probability`` (bool), without forming the floats.
+
+    A draw ``h * 2**-24`` is below ``probability`` (rounded to float32, as the comparison of a
+    float32 tensor with a number rounds it) exactly when ``h < ceil(probability * 2**24)``.
+    """
+    threshold = math.ceil(torch.tensor(probability, dtype=torch.float32).item() * 2**24)
+    return torch.lt(_hash24(stream_key(seed, stream), start, count, device), threshold)
 
 
 @lru_cache(maxsize=8)

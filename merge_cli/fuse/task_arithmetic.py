@@ -96,7 +96,7 @@ def combine_task_vectors(
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
             merged /= total
-    return merged.mul_(scale).add_(base)
+    return (merged if scale == 1 else merged.mul_(scale)).add_(base)
 
 
 def onto_base(

@@ -107,3 +107,22 @@ def test_uniform_hash_equals_the_reference_on_both_integer_paths(start):
     assert stream_key(seed, stream) >= 2**31
     draws = uniform_range(seed, stream, start, 6).tolist()
     assert draws == [_reference_uniform(seed, stream, start + i) for i in range(6)]
+
+
+@pytest.mark.parametrize("start", [1000, 2**31 - 3, 2**32 - 10])
+def test_uniform_below_is_the_float_comparison_even_next_to_a_draw(start):
+    """The integer comparison behind DARE's masks gives ``uniform_range(...) < p`` exactly,
+    including for p a fraction of 2**-24 above or below a draw (where float32 rounds p)."""
+    from merge_cli.fuse.hashing import uniform_below
+
+    seed, stream, count = 3, 3, 4096
+    draws = uniform_range(seed, stream, start, count)
+    for p in (0.1, 0.5, 1 / 3, 0.9999999):
+        assert torch.equal(uniform_below(seed, stream, start, count, p), draws < p)
+    upper = draws[draws >= 0.5]  # where float32 has a 2**-24 spacing
+    for value in upper[:5].tolist():
+        for offset in (-0.6, -0.4, 0.4, 0.6):  # of 2**-24: p rounds to a draw or its neighbour
+            p = value + offset * 2**-24
+            expected = draws < p
+            assert torch.equal(uniform_below(seed, stream, start, count, p), expected)
+            assert bool(expected[draws == value].all()) == (offset > 0.5)
