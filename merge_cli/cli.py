@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -132,6 +133,11 @@ def run(
     from merge_cli.pipeline import REPORT_FILE, RunOptions
     from merge_cli.pipeline import run as run_pipeline
     from merge_cli.recipe import load_recipe
+
+    # What is imported by now (torch, pydantic, ...) lives as long as the process: kept out
+    # of the garbage collector's full passes, which otherwise traverse it again and again
+    # while a merge allocates (7% of a linear merge's time).
+    gc.freeze()
 
     def action() -> Any:
         parsed = load_recipe(recipe, set_, out)
@@ -562,7 +568,10 @@ def _tune_allocator() -> None:
     glibc returns allocations above 32 MB to the OS and maps them afresh each time, so every
     chunk pays for page faults on new memory (measured: 2.7x slower merging). Raising the
     mmap and trim thresholds lets freed chunks be reused; the peak resident set stays bounded
-    by the chunks in flight.
+    by the chunks in flight. One arena for every thread: the reader allocates the chunks and
+    the main thread frees them, and a thread's own arena (a few 64 MB heaps) gave its memory
+    back and faulted it in again (a 3 x 6 GB linear merge: 729,000 page faults in the reader
+    instead of 25,000, and 10% more time).
     """
     import ctypes
     import platform
@@ -573,9 +582,10 @@ def _tune_allocator() -> None:
         mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc; absent from musl
     except (OSError, AttributeError):
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     mallopt(m_mmap_threshold, 1 << 30)
     mallopt(m_trim_threshold, 1 << 31)
+    mallopt(m_arena_max, 1)
 
 
 def main() -> None:
