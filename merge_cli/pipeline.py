@@ -169,12 +169,10 @@ def plan_summary(
     largest_chunk = 0
     largest_kept = 0
     for tensor in plan.tensors:
+        tensor_bytes = input_bytes(checkpoints, tensor)
+        read += tensor_bytes
         if keeps_inputs(method, checkpoints, tensor, chunk_bytes):
-            largest_kept = max(largest_kept, input_bytes(checkpoints, tensor))
-        sources = [tensor.copy_from] if tensor.copy_from else list(tensor.inputs)
-        if tensor.base:
-            sources.append(tensor.base)
-        read += sum(checkpoints[m].info(n).nbytes for m, n in sources)
+            largest_kept = max(largest_kept, tensor_bytes)
         row_elems = max(
             1,
             tensor.nbytes
@@ -183,7 +181,7 @@ def plan_summary(
         )
         rows = tensor.shape[0] if tensor.shape else 1
         chunk_elems = min(rows, max(1, chunk_bytes // (4 * row_elems))) * row_elems
-        largest_chunk = max(largest_chunk, chunk_elems * len(sources))
+        largest_chunk = max(largest_chunk, chunk_elems * len(tensor.sources))
     # per input element in flight: raw read (<=4 B) + float32 copy (4 B); x2 for read-ahead;
     # plus the float32 result and its cast. Two tensors' statistics (the merge's and the one
     # ahead) may hold their inputs (a tensor read once) and what a method keeps for its merge

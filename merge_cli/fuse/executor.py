@@ -105,9 +105,8 @@ class _Unit:
 
 
 def input_bytes(checkpoints: dict[str, Checkpoint], tensor: OutputTensor) -> int:
-    """Bytes of a merged tensor's inputs as stored (the models' and the base's)."""
-    sources = [*tensor.inputs, *([tensor.base] if tensor.base is not None else [])]
-    return sum(checkpoints[model].info(name).nbytes for model, name in sources)
+    """Bytes of a tensor's inputs as stored (:attr:`OutputTensor.sources`)."""
+    return sum(checkpoints[model].info(name).nbytes for model, name in tensor.sources)
 
 
 def keeps_inputs(
@@ -138,10 +137,7 @@ def _read_unit(checkpoints: dict[str, Checkpoint], unit: _Unit) -> list[torch.Te
             located = locate(name, None if unit.whole else unit.rows)
             if located.dtype == tensor.dtype:
                 return located
-    sources = [tensor.copy_from] if tensor.copy_from else list(tensor.inputs)
-    if tensor.base is not None:
-        sources.append(tensor.base)
-    return [_read(checkpoints, source, unit) for source in sources]
+    return [_read(checkpoints, source, unit) for source in tensor.sources]
 
 
 def execute(
@@ -172,6 +168,11 @@ def execute(
             options,
             count_layers([t.name for t in plan.tensors]),
             reader,
+            frozenset(
+                t.name
+                for t in plan.tensors
+                if keeps_inputs(method, checkpoints, t, options.chunk_bytes)
+            ),
         )
         ahead = _StatisticsAhead(run, units, statistician)
         params: TensorParams | None = None  # the current tensor's, resolved at its first unit
@@ -212,12 +213,12 @@ class _Run:
     options: ExecutionOptions
     num_layers: int
     reader: ThreadPoolExecutor
+    #: tensors whose statistics pass keeps their chunks for the merge (:func:`keeps_inputs`)
+    kept_tensors: frozenset[str]
 
     def kept(self, unit: _Unit) -> bool:
         """Whether the statistics pass over the unit's tensor keeps its chunks."""
-        return not unit.whole and keeps_inputs(
-            self.method, self.checkpoints, unit.tensor, self.options.chunk_bytes
-        )
+        return not unit.whole and unit.tensor.name in self.kept_tensors
 
     def params(self, tensor: OutputTensor) -> TensorParams:
         position = layer_position(tensor.name, self.num_layers)
@@ -272,7 +273,7 @@ class _Run:
         assert self.method.statistics is not None
         rows = row_chunks(tensor.shape, self.options.chunk_bytes, self.method.chunkable)
         units = [_Unit(tensor, chunk, False) for chunk in rows]
-        keep = keeps_inputs(self.method, self.checkpoints, tensor, self.options.chunk_bytes)
+        keep = tensor.name in self.kept_tensors
         kept: dict[tuple[int, int], list[torch.Tensor]] = {}
 
         def chunks() -> Iterator[tuple[tuple[int, int], list[torch.Tensor]]]:
@@ -442,10 +443,11 @@ def _prefetched(
     units that ``skip`` names are yielded with None, unread."""
 
     def read(unit: _Unit) -> Future:
-        if prefetch and not skip(unit):
+        skipped = skip(unit)
+        if prefetch and not skipped:
             return pool.submit(_read_unit, checkpoints, unit)
         done: Future = Future()
-        done.set_result(None if skip(unit) else _read_unit(checkpoints, unit))
+        done.set_result(None if skipped else _read_unit(checkpoints, unit))
         return done
 
     if not prefetch:

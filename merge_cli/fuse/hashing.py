@@ -52,8 +52,14 @@ def uniform_below(
     A draw ``h * 2**-24`` is below ``probability`` (rounded to float32, as the comparison of a
     float32 tensor with a number rounds it) exactly when ``h < ceil(probability * 2**24)``.
     """
-    threshold = math.ceil(torch.tensor(probability, dtype=torch.float32).item() * 2**24)
+    threshold = _threshold24(probability)
     return torch.lt(_hash24(stream_key(seed, stream), start, count, device), threshold)
+
+
+@lru_cache(maxsize=64)
+def _threshold24(probability: float) -> int:
+    """``ceil(probability * 2**24)``, the probability rounded to float32 first."""
+    return math.ceil(torch.tensor(probability, dtype=torch.float32).item() * 2**24)
 
 
 @lru_cache(maxsize=8)

@@ -39,6 +39,12 @@ class OutputTensor:
     def nbytes(self) -> int:
         return TensorInfo(self.name, self.shape, self.dtype).nbytes
 
+    @property
+    def sources(self) -> list[Source]:
+        """What is read for this tensor: the copied source or the fused inputs, then the base."""
+        read = [self.copy_from] if self.copy_from else list(self.inputs)
+        return read + ([self.base] if self.base is not None else [])
+
 
 @dataclass
 class MergePlan:
