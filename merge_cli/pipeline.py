@@ -43,6 +43,8 @@ from merge_cli.recipe import Recipe
 
 #: File in the output directory holding a whole-model method's report (learned coefficients).
 REPORT_FILE = "merge_report.json"
+#: The writer's buffer, in chunk budgets (16 MiB by default): the bytes of a direct write.
+WRITE_BUFFER_CHUNKS = 2
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,9 @@ def plan_summary(
     # per input element in flight: raw read (<=4 B) + float32 copy (4 B); x2 for read-ahead;
     # plus the float32 result and its cast. Two tensors' statistics (the merge's and the one
     # ahead) may hold their inputs (a tensor read once) and what a method keeps for its merge
-    # (TensorJob.keep_bytes). The interpreter and torch add ~0.3 GB.
+    # (TensorJob.keep_bytes). The writer's buffer; the interpreter and torch add ~0.3 GB.
     in_flight = largest_chunk * (4 + 4) * 2 + largest_chunk // max(1, len(plan.model_names)) * 8
+    in_flight += WRITE_BUFFER_CHUNKS * chunk_bytes
     if method.statistics is not None:
         in_flight += 2 * (largest_kept + KEPT_CHUNK_BUDGETS * chunk_bytes // 2)
     return {
@@ -310,7 +313,13 @@ def _write_plan(
     assert recipe.save is not None and recipe.fuse is not None
     target = Path(recipe.save.path)
     shards = [[TensorInfo(t.name, t.shape, t.dtype) for t in shard] for shard in plan.shards]
-    with ShardedWriter(target, shards, plan.shard_file_names(), options.overwrite) as writer:
+    with ShardedWriter(
+        target,
+        shards,
+        plan.shard_file_names(),
+        options.overwrite,
+        buffer_bytes=WRITE_BUFFER_CHUNKS * options.chunk_bytes,
+    ) as writer:
         execute(plan, method, recipe.fuse, sources, writer, execution, options.progress)
         write_extras(recipe, writer, config_source, plan.config_updates)
         if report:

@@ -27,6 +27,7 @@ import torch
 
 from merge_cli.errors import OutputError
 from merge_cli.io.checkpoint import FileRange, TensorInfo
+from merge_cli.io.direct import BUFFER_BYTES, AppendFile, aligned_buffer
 from merge_cli.io.dtypes import TORCH_TO_SAFETENSORS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -116,7 +117,8 @@ class ShardedWriter:
     """Writes shards tensor by tensor into a temporary directory, then renames it into place.
 
     Use as a context manager: leaving the block with an exception removes the temporary
-    directory, leaving the target untouched.
+    directory, leaving the target untouched. Shards are written through one reused buffer of
+    ``buffer_bytes``, with ``O_DIRECT`` where the filesystem allows (:mod:`merge_cli.io.direct`).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class ShardedWriter:
         shards: list[list[TensorInfo]],
         file_names: list[str],
         overwrite: bool = False,
+        buffer_bytes: int = BUFFER_BYTES,
     ):
         self.target = target
         self.shards = shards
@@ -132,7 +135,8 @@ class ShardedWriter:
         self.overwrite = overwrite
         self.temp = staging_path(target, overwrite)
         self._shard = -1
-        self._handle = None
+        self._handle: AppendFile | None = None
+        self._buffer = aligned_buffer(buffer_bytes)
         self._expected: list[tuple[TensorInfo, int]] = []  # (tensor, bytes still to write)
 
     # -- context manager -------------------------------------------------------------
@@ -157,7 +161,7 @@ class ShardedWriter:
 
     def abort(self) -> None:
         if self._handle is not None:
-            self._handle.close()
+            self._handle.abandon()
             self._handle = None
         shutil.rmtree(self.temp, ignore_errors=True)
 
@@ -182,7 +186,8 @@ class ShardedWriter:
 
         The kernel copies file to file (``copy_file_range``): the bytes never pass through
         this process, which halves the memory traffic of copied tensors (passthrough).
-        Falls back to a read and a write where the filesystem cannot.
+        Falls back to a read and a write where the filesystem cannot. A shard written with
+        ``O_DIRECT`` reads the bytes straight into its write buffer instead.
         """
         if not self._expected:
             self._open_next_shard()
@@ -191,9 +196,12 @@ class ShardedWriter:
             raise AssertionError(f"writer expected {info.name} ({info.dtype}), got {name}")
         assert self._handle is not None
         try:
-            self._handle.flush()
             with open(source.path, "rb", buffering=0) as handle:
-                _copy_bytes(handle.fileno(), self._handle.fileno(), source.offset, source.nbytes)
+                if self._handle.direct:
+                    self._handle.copy_from(handle.fileno(), source.offset, source.nbytes)
+                else:
+                    target = self._handle.fileno()
+                    _copy_bytes(handle.fileno(), target, source.offset, source.nbytes)
         except OSError as error:
             raise self._os_error(error, Path(self._handle.name)) from error
         self._advance(info, remaining - source.nbytes)
@@ -213,7 +221,7 @@ class ShardedWriter:
         tensors = self.shards[self._shard]
         path = self.temp / self.file_names[self._shard]
         try:
-            self._handle = open(path, "wb")  # noqa: SIM115 - closed in _close_shard/abort
+            self._handle = AppendFile(path, self._buffer)
         except OSError as error:
             raise self._os_error(error, path) from error
         self._expected = [(info, info.nbytes) for info in tensors]

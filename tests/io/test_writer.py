@@ -130,13 +130,16 @@ def test_no_room_for_a_shard_fails_before_writing_it(tmp_path, tensors, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("in_kernel", [True, False])
-def test_copy_range_appends_the_stored_bytes(tmp_path, tensors, monkeypatch, in_kernel):
+@pytest.mark.parametrize("how", ["direct", "in_kernel", "by_hand"])
+def test_copy_range_appends_the_stored_bytes(tmp_path, tensors, monkeypatch, how):
     from safetensors.torch import save_file
 
+    from merge_cli.io import direct
     from merge_cli.io.checkpoint import SafetensorsCheckpoint
 
-    if not in_kernel:  # a filesystem without copy_file_range: copied by hand
+    if how != "direct":  # a filesystem without O_DIRECT: copy_file_range, or by hand
+        monkeypatch.setattr(direct, "_DIRECT", 0)
+    if how == "by_hand":  # a filesystem without copy_file_range either
 
         def unsupported(*_args, **_kwargs):
             raise OSError(errno.EXDEV, "Invalid cross-device link")

@@ -1,0 +1,126 @@
+"""An append-only output file that bypasses the page cache where the system allows it.
+
+A merge writes each output byte once and does not read it back, so copying it into the page
+cache first only costs: the copy itself (on the lent VMs, where every newly cached page must
+first be backed by the host, a buffered write ran at 1.5–5 GB/s and took a third of a
+model_stock merge's CPU time), and the pages it pushes out — the inputs a merge is still
+reading, when they and the output do not both fit in memory. With ``O_DIRECT`` the device
+reads the bytes straight from one reused, page-aligned buffer (measured with ``dd``: a steady
+1.9 GB/s with 0.2 s of CPU for 2.3 GB, against 0.45–1.6 s of CPU buffered).
+
+``O_DIRECT`` needs block-aligned buffers, offsets and lengths: bytes are gathered in the
+buffer and written a whole buffer at a time; the last block is padded with zeros and the
+file is then truncated to its true length. Where the filesystem refuses ``O_DIRECT`` (tmpfs,
+some network filesystems, other systems than Linux) the file is written the usual way.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+
+#: Offsets and lengths of direct writes are multiples of this (any block size up to it).
+ALIGNMENT = 4096
+#: Bytes gathered before each write: large enough that the device streams.
+BUFFER_BYTES = 16 * 2**20
+_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class AppendFile:
+    """Bytes appended to a new file, through an aligned buffer with ``O_DIRECT`` if possible.
+
+    ``buffer`` is lent by the caller, so one allocation (whose pages stay backed) serves every
+    shard of an output: an anonymous ``mmap`` of a multiple of :data:`ALIGNMENT` bytes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], buffer: mmap.mmap):
+        self.name = os.fspath(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.direct = bool(_DIRECT)
+        try:
+            self.fd = os.open(self.name, flags | _DIRECT, 0o666)
+        except OSError as error:
+            if error.errno != errno.EINVAL or not self.direct:
+                raise
+            self.direct = False
+            self.fd = os.open(self.name, flags, 0o666)
+        self._buffer = memoryview(buffer)
+        self._filled = 0
+        self.size = 0  # bytes appended so far
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data: bytes | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        self.size += data.nbytes
+        if not self.direct:
+            _write_all(self.fd, data)
+            return
+        while data.nbytes:
+            count = min(data.nbytes, self._buffer.nbytes - self._filled)
+            self._buffer[self._filled : self._filled + count] = data[:count]
+            self._filled += count
+            data = data[count:]
+            if self._filled == self._buffer.nbytes:
+                self._flush(self._filled)
+
+    def copy_from(self, source_fd: int, offset: int, count: int) -> None:
+        """Append ``count`` bytes read from ``offset`` of ``source_fd`` (read straight into
+        the buffer: one copy, where a read and a :meth:`write` would take two)."""
+        assert self.direct, "copy_from is for direct files; copy_file_range serves the others"
+        self.size += count
+        while count > 0:
+            space = self._buffer[self._filled : self._filled + min(count, self._buffer.nbytes)]
+            got = os.preadv(source_fd, [space], offset)
+            if got == 0:
+                raise OSError(errno.EIO, f"unexpected end of the input at byte {offset}")
+            self._filled += got
+            offset += got
+            count -= got
+            if self._filled == self._buffer.nbytes:
+                self._flush(self._filled)
+
+    def close(self) -> None:
+        """Write what is left (padded to a whole block, then truncated away) and close."""
+        if self.fd < 0:
+            return
+        try:
+            if self._filled:
+                padded = -(-self._filled // ALIGNMENT) * ALIGNMENT
+                self._buffer[self._filled : padded] = bytes(padded - self._filled)
+                self._flush(padded)
+                os.ftruncate(self.fd, self.size)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close without writing what is left (the file is being thrown away)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _flush(self, count: int) -> None:
+        try:
+            _write_all(self.fd, self._buffer[:count])
+        except OSError as error:
+            if error.errno != errno.EINVAL or not self.direct:
+                raise
+            # The filesystem took the flag but not the write (it wants another alignment):
+            # the rest of the file is written the usual way.
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_DIRECT)
+            self.direct = False
+            _write_all(self.fd, self._buffer[:count])
+        self._filled = 0
+
+
+def aligned_buffer(nbytes: int = BUFFER_BYTES) -> mmap.mmap:
+    """A page-aligned anonymous buffer for :class:`AppendFile`."""
+    return mmap.mmap(-1, -(-nbytes // ALIGNMENT) * ALIGNMENT)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        data = data[os.write(fd, data) :]
