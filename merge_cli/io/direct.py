@@ -21,11 +21,14 @@ import fcntl
 import mmap
 import os
 
+import torch
+
 #: Offsets and lengths of direct writes are multiples of this (any block size up to it).
 ALIGNMENT = 4096
 #: Bytes gathered before each write: large enough that the device streams.
 BUFFER_BYTES = 16 * 2**20
 _DIRECT = getattr(os, "O_DIRECT", 0)
+_TORCH_COPY_BYTES = 2**16
 
 
 class AppendFile:
@@ -47,6 +50,8 @@ class AppendFile:
             self.direct = False
             self.fd = os.open(self.name, flags, 0o666)
         self._buffer = memoryview(buffer)
+        # torch copies into it without holding the GIL (a memoryview copy holds it)
+        self._staging = torch.frombuffer(buffer, dtype=torch.uint8)
         self._filled = 0
         self.size = 0  # bytes appended so far
 
@@ -61,7 +66,11 @@ class AppendFile:
             return
         while data.nbytes:
             count = min(data.nbytes, self._buffer.nbytes - self._filled)
-            self._buffer[self._filled : self._filled + count] = data[:count]
+            if count >= _TORCH_COPY_BYTES and not data.readonly:
+                piece = torch.frombuffer(data[:count], dtype=torch.uint8)
+                self._staging[self._filled : self._filled + count].copy_(piece)
+            else:
+                self._buffer[self._filled : self._filled + count] = data[:count]
             self._filled += count
             data = data[count:]
             if self._filled == self._buffer.nbytes:
