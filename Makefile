@@ -34,7 +34,7 @@ lint: venv
 	$(BIN)/ruff format --check merge_cli tests scripts recipes
 
 bench: venv
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py --repeat 3
 
 clean:
 	rm -rf $(VENV) examples bench-data

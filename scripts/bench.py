@@ -13,6 +13,9 @@ reports it, memory-mapped file pages included.
 
     python scripts/bench.py                         # 3 GB and 6 GB inputs, linear
     python scripts/bench.py --sizes 1 --methods linear ties dare_ties
+    python scripts/bench.py --repeat 3              # medians of 3 runs of each, in turn
+
+Peak RSS is the largest over the runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -195,7 +199,7 @@ def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> P
 
 
 def bench_size(
-    size_gb: float, methods: list[str], root: Path, keep: bool, device: str
+    size_gb: float, methods: list[str], root: Path, keep: bool, device: str, repeat: int
 ) -> list[dict]:
     num_layers = layers_for(size_gb)
     directory = root / f"llama-{size_gb:g}gb"
@@ -220,29 +224,35 @@ def bench_size(
             "--json",
         ]
         for cache in ("cold", "warm"):
-            shutil.rmtree(out, ignore_errors=True)
             output_bytes = input_bytes // 3
             baseline_out = directory / "baseline.bin"
-            if cache == "cold":
-                evict(inputs)
-            else:
-                warm(inputs)
-            base_s, base_rss = timed(
-                [
-                    sys.executable,
-                    "-c",
-                    BASELINE,
-                    *map(str, inputs),
-                    str(baseline_out),
-                    str(output_bytes),
-                ]
-            )
-            baseline_out.unlink()
-            if cache == "cold":
-                evict(inputs)
-            else:
-                warm(inputs)
-            merge_s, merge_rss = timed(merge_cmd)
+            base_runs, merge_runs, merge_rss = [], [], 0
+            for _ in range(repeat):  # the two in turn, so drift on the machine hits both
+                shutil.rmtree(out, ignore_errors=True)
+                if cache == "cold":
+                    evict(inputs)
+                else:
+                    warm(inputs)
+                seconds, _ = timed(
+                    [
+                        sys.executable,
+                        "-c",
+                        BASELINE,
+                        *map(str, inputs),
+                        str(baseline_out),
+                        str(output_bytes),
+                    ]
+                )
+                base_runs.append(seconds)
+                baseline_out.unlink()
+                if cache == "cold":
+                    evict(inputs)
+                else:
+                    warm(inputs)
+                seconds, rss = timed(merge_cmd)
+                merge_runs.append(seconds)
+                merge_rss = max(merge_rss, rss)
+            merge_s, base_s = statistics.median(merge_runs), statistics.median(base_runs)
             rows.append(
                 {
                     "size_gb": round(input_bytes / 3 / 1e9, 2),
@@ -254,6 +264,10 @@ def bench_size(
                     "ratio": round(merge_s / base_s, 2),
                     "peak_rss_mb": round(merge_rss / 2**20),
                     "input_gb_per_s": round(input_bytes / merge_s / 1e9, 2),
+                    "runs_s": {
+                        "merge": [round(x, 2) for x in merge_runs],
+                        "baseline": [round(x, 2) for x in base_runs],
+                    },
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
@@ -270,10 +284,13 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("bench-data"))
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--device", default="cpu", help="merge-cli's --device (cpu or cuda)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each, in turn (medians reported)"
+    )
     args = parser.parse_args()
     rows = []
     for size in args.sizes:
-        rows += bench_size(size, args.methods, args.root, args.keep, args.device)
+        rows += bench_size(size, args.methods, args.root, args.keep, args.device, args.repeat)
     print()
     print(
         "| input size | method | cache | merge-cli | read+write baseline | ratio "
