@@ -319,6 +319,8 @@ def _write_plan(
         plan.shard_file_names(),
         options.overwrite,
         buffer_bytes=WRITE_BUFFER_CHUNKS * options.chunk_bytes,
+        # an output of copied tensors only (passthrough) goes file to file in the kernel
+        direct=any(tensor.copy_from is None for tensor in plan.tensors),
     ) as writer:
         execute(plan, method, recipe.fuse, sources, writer, execution, options.progress)
         write_extras(recipe, writer, config_source, plan.config_updates)

@@ -36,14 +36,15 @@ class AppendFile:
 
     ``buffer`` is lent by the caller, so one allocation (whose pages stay backed) serves every
     shard of an output: an anonymous ``mmap`` of a multiple of :data:`ALIGNMENT` bytes.
+    ``direct=False`` writes the usual way.
     """
 
-    def __init__(self, path: str | os.PathLike[str], buffer: mmap.mmap):
+    def __init__(self, path: str | os.PathLike[str], buffer: mmap.mmap, direct: bool = True):
         self.name = os.fspath(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self.direct = bool(_DIRECT)
+        self.direct = direct and bool(_DIRECT)
         try:
-            self.fd = os.open(self.name, flags | _DIRECT, 0o666)
+            self.fd = os.open(self.name, flags | (_DIRECT if self.direct else 0), 0o666)
         except OSError as error:
             if error.errno != errno.EINVAL or not self.direct:
                 raise

@@ -117,8 +117,10 @@ class ShardedWriter:
     """Writes shards tensor by tensor into a temporary directory, then renames it into place.
 
     Use as a context manager: leaving the block with an exception removes the temporary
-    directory, leaving the target untouched. Shards are written through one reused buffer of
-    ``buffer_bytes``, with ``O_DIRECT`` where the filesystem allows (:mod:`merge_cli.io.direct`).
+    directory, leaving the target untouched. With ``direct``, shards are written through one
+    reused buffer of ``buffer_bytes`` with ``O_DIRECT`` where the filesystem allows
+    (:mod:`merge_cli.io.direct`); an output made only of copied bytes is better left to the
+    kernel (``copy_file_range``), which the buffered writes of ``direct=False`` allow.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class ShardedWriter:
         file_names: list[str],
         overwrite: bool = False,
         buffer_bytes: int = BUFFER_BYTES,
+        direct: bool = True,
     ):
         self.target = target
         self.shards = shards
@@ -137,6 +140,7 @@ class ShardedWriter:
         self._shard = -1
         self._handle: AppendFile | None = None
         self._buffer = aligned_buffer(buffer_bytes)
+        self._direct = direct
         self._expected: list[tuple[TensorInfo, int]] = []  # (tensor, bytes still to write)
 
     # -- context manager -------------------------------------------------------------
@@ -221,7 +225,7 @@ class ShardedWriter:
         tensors = self.shards[self._shard]
         path = self.temp / self.file_names[self._shard]
         try:
-            self._handle = AppendFile(path, self._buffer)
+            self._handle = AppendFile(path, self._buffer, self._direct)
         except OSError as error:
             raise self._os_error(error, path) from error
         self._expected = [(info, info.nbytes) for info in tensors]

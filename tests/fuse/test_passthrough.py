@@ -27,6 +27,34 @@ def test_copy_one_model(tiny_llamas, tmp_path):
     assert all(torch.equal(out[k], source[k]) for k in out)
 
 
+@pytest.mark.parametrize(("method", "direct"), [("passthrough", False), ("linear", True)])
+def test_only_computed_outputs_bypass_the_page_cache(
+    tiny_llamas, tmp_path, monkeypatch, method, direct
+):
+    """A copy goes file to file in the kernel (buffered writes); a merge writes O_DIRECT."""
+    from merge_cli.io import writer as writer_module
+
+    real = writer_module.AppendFile
+    asked = []
+
+    def spy(path, buffer, direct=True):
+        asked.append(direct)
+        return real(path, buffer, direct)
+
+    monkeypatch.setattr(writer_module, "AppendFile", spy)
+    recipe = recipe_from_dict(
+        {
+            "models": {"math": str(tiny_llamas["math"])},
+            "fuse": {"method": method},
+            "save": {"path": str(tmp_path / "out")},
+        }
+    )
+    out = load_safetensors_dir(run(recipe).output)
+    assert asked and set(asked) == {direct}
+    source = load_safetensors_dir(tiny_llamas["math"])
+    assert all(torch.equal(out[k], source[k]) for k in source)
+
+
 def test_layer_stacking_renumbers_and_updates_config(tiny_llamas, tmp_path):
     from transformers import AutoModelForCausalLM
 
