@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,23 +30,6 @@ import bench_mergekit  # noqa: E402
 
 DEFAULT_METHODS = ["linear", "ties", "dare_ties", "della", "breadcrumbs_ties", "sce", "slerp",
                    "nuslerp", "multislerp", "karcher", "model_stock"]  # fmt: skip
-
-
-def timed(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``command``.
-
-    GNU time where it is installed (see bench_mergekit.timed); else the child's rusage, whose
-    peak RSS then starts from this process's own (a forked child inherits its high-water mark).
-    """
-    if Path("/usr/bin/time").exists():
-        return bench_mergekit.timed(command, Path("/tmp"))
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(command)}")
-    return seconds, usage.ru_maxrss * 1024
 
 
 def compare(cpu_dir: Path, cuda_dir: Path) -> tuple[float, float, int]:
@@ -98,7 +78,7 @@ def main() -> None:
             command = [sys.executable, "-m", "merge_cli", "run", str(config), "--out", str(out),
                        "--device", device, "--json"]  # fmt: skip
             bench.warm(inputs)
-            seconds, rss = timed(command)
+            seconds, rss = bench.timed(command)
             row[f"{label}_s"] = round(seconds, 2)
             row[f"{label}_rss_mb"] = round(rss / 2**20)
         largest, share, tensors = compare(args.root / "out-cpu", args.root / "out-cuda")

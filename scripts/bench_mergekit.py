@@ -132,17 +132,6 @@ def make_models(root: Path) -> Path:
     return models
 
 
-def timed(command: list[str], scratch: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``command``.
-
-    The peak RSS comes from GNU time, whose child is forked from a small process: a child
-    forked from this (large) one would report this process's RSS as its own floor.
-    """
-    report = scratch / "time.txt"
-    seconds, _ = bench.timed(["/usr/bin/time", "-f", "%M", "-o", str(report), *command])
-    return seconds, int(report.read_text().split()[-1]) * 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml")
@@ -170,7 +159,7 @@ def main() -> None:
                     command = [sys.executable, "-m", "merge_cli", "run", str(config), "--out",
                                str(out), "--json"]  # fmt: skip
                 bench.warm(inputs)
-                runs[tool].append(timed(command, args.root))
+                runs[tool].append(bench.timed(command))
                 shutil.rmtree(out, ignore_errors=True)
         times = {tool: (statistics.median(s for s, _ in r), max(m for _, m in r))
                  for tool, r in runs.items()}  # fmt: skip

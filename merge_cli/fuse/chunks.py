@@ -9,14 +9,13 @@ over the whole tensor (a plain running sum over chunks would round differently).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-from merge_cli.fuse.registry import TensorJob
+from merge_cli.fuse.registry import ChunkPasses, TensorJob
 
-#: Fresh iterators over a tensor's chunks, as the executor hands them to ``statistics``.
-ChunkPasses = Callable[[], Iterator[TensorJob]]
+__all__ = ["ChunkPasses"]  # re-exported: the methods' statistics take one
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:

@@ -109,8 +109,7 @@ def _masked(job: TensorJob, models: list[DellaModelParams], stats: Any):
 
 def _statistics(passes: ChunkPasses, params: Any, models: list[DellaModelParams]) -> Any:
     stats: dict[str, Any] = {}
-    first = next(iter(passes()))
-    if len(first.shape) == 1 and first.rows[1] - first.rows[0] < first.shape[0]:
+    if len(passes.shape) == 1 and not passes.whole:
         # A chunked 1-D tensor is one row: rank it whole (1-D tensors are bias/norm vectors,
         # as long as the hidden size, so this holds one float per entry of a small tensor).
         pieces: list[list[torch.Tensor]] = [[] for _ in models]

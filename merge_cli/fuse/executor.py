@@ -25,7 +25,7 @@ import torch
 from merge_cli.errors import MergeCliError, PlanError
 from merge_cli.fuse.params import TensorParams, count_layers, layer_position, resolve_params
 from merge_cli.fuse.plan import MergePlan, OutputTensor, Source
-from merge_cli.fuse.registry import Method, TensorJob
+from merge_cli.fuse.registry import ChunkPasses, Method, TensorJob
 from merge_cli.io.checkpoint import Checkpoint, FileRange
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.progress import NullProgress, Progress
@@ -291,7 +291,8 @@ class _Run:
                 yield from self.block_jobs(tensor, chunk_rows, raw)
 
         params = self.params(tensor)
-        value = self.method.statistics(passes, params.method, params.models)
+        whole_tensor = ChunkPasses(tensor.shape, False, passes)  # several chunks
+        value = self.method.statistics(whole_tensor, params.method, params.models)
         if keep:  # the passes may have stopped early: the merge needs every chunk
             for _ in chunks():
                 pass
@@ -479,7 +480,7 @@ def _merge_unit(
         if unit.whole:
             # Statistics never modify a job: the merge reuses the converted blocks.
             jobs = list(run.block_jobs(tensor, unit.rows, raw))
-            stats = method.statistics(lambda: iter(jobs), params.method, params.models)
+            stats = method.statistics(ChunkPasses.over(jobs), params.method, params.models)
         else:
             assert chunked_statistics is not None
             stats = chunked_statistics.value

@@ -69,7 +69,32 @@ class TensorJob:
 #: (job, method params, per-model params, statistics) -> merged chunk
 MergeFn = Callable[[TensorJob, Any, list[Any], Any], torch.Tensor]
 #: (chunk factory, method params, per-model params) -> statistics passed to MergeFn
-StatisticsFn = Callable[[Callable[[], Iterator[TensorJob]], Any, list[Any]], Any]
+
+
+@dataclass(frozen=True)
+class ChunkPasses:
+    """Fresh passes over one tensor's jobs, as the executor hands them to ``statistics``.
+
+    Calling it starts a pass. ``shape`` (the whole tensor's) and ``whole`` (each pass is
+    one job holding the whole tensor) are known before any chunk is read, so a statistic
+    that depends on them need not start a pass (and read a chunk) to find out.
+    """
+
+    shape: tuple[int, ...]
+    whole: bool
+    start: Callable[[], Iterator[TensorJob]]
+
+    def __call__(self) -> Iterator[TensorJob]:
+        return self.start()
+
+    @classmethod
+    def over(cls, jobs: list[TensorJob]) -> ChunkPasses:
+        """Passes over jobs already in memory: a whole tensor, or its compute blocks."""
+        return cls(jobs[0].shape, len(jobs) == 1, lambda: iter(jobs))
+
+
+#: (passes over the tensor, method params, per-model params) -> statistics for ``merge``
+StatisticsFn = Callable[[ChunkPasses, Any, list[Any]], Any]
 
 
 @dataclass(frozen=True)

@@ -140,8 +140,7 @@ def _nuslerp_mode(params: NuSlerpParams, shape: tuple[int, ...]) -> str:
 
 
 def _nuslerp_statistics(passes: ChunkPasses, params: NuSlerpParams, _models: Any) -> Any:
-    first = next(iter(passes()))
-    mode = _nuslerp_mode(params, first.shape)
+    mode = _nuslerp_mode(params, passes.shape)
     if mode == "whole":
         return gram_matrix(passes, _nuslerp_vectors)
     if mode == "columns":

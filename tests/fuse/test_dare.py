@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_cli.fuse import METHODS
-from merge_cli.fuse.registry import TensorJob
+from merge_cli.fuse.registry import ChunkPasses, TensorJob
 from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
@@ -20,7 +20,7 @@ def _run(method: str, job: TensorJob, params: dict, per_model: list[dict]) -> to
     entry = METHODS[method]
     method_params = entry.params.model_validate(params)
     models = [entry.model_params.model_validate(p) for p in per_model]
-    stats = entry.statistics(lambda: iter([job]), method_params, models)
+    stats = entry.statistics(ChunkPasses.over([job]), method_params, models)
     return entry.merge(job, method_params, models, stats)
 
 

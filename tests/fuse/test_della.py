@@ -8,7 +8,7 @@ import torch
 from merge_cli.errors import MergeCliError
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.della import keep_probability, rank_fraction
-from merge_cli.fuse.registry import TensorJob
+from merge_cli.fuse.registry import ChunkPasses, TensorJob
 from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
@@ -28,7 +28,8 @@ def test_della_keeps_large_entries_more_often_and_preserves_the_expectation():
     params = entry.params.model_validate({})
     models = [entry.model_params(density=0.4, epsilon=0.3)]
     job = TensorJob("w", [tau.clone()], base, (0, 200), (200, 400), 7)
-    out = entry.merge(job, params, models, entry.statistics(lambda: iter([job]), params, models))
+    stats = entry.statistics(ChunkPasses.over([job]), params, models)
+    out = entry.merge(job, params, models, stats)
     kept = out != 0
     assert abs(float(kept.float().mean()) - 0.4) < 0.01
     large = tau > tau.median()

@@ -1,4 +1,4 @@
-"""The executor's threads: compute threads, read-ahead and the background writer."""
+"""The executor: compute threads, read-ahead, the background writer, passes for statistics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from merge_cli.errors import OutputError
-from merge_cli.fuse import executor
+from merge_cli.fuse import METHODS, executor
 from merge_cli.fuse.executor import compute_threads
+from merge_cli.fuse.registry import ChunkPasses
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.pipeline import RunOptions, run
 from tests.conftest import load_safetensors_dir
@@ -159,3 +160,23 @@ def test_kept_chunks_and_masks_are_read_and_drawn_once_and_change_nothing(
     if method in ("dare_ties", "della"):
         # the merge draws nothing: 10 chunks of "w" and "norm" once, for 2 models
         assert counts[12][2] == counts[1000][2] == counts[0][2] - 22
+
+
+def _unstarted(shape: tuple[int, ...]) -> ChunkPasses:
+    def start():
+        raise AssertionError("a pass was started (a chunk read) to learn the shape")
+
+    return ChunkPasses(shape, False, start)
+
+
+@pytest.mark.parametrize(
+    ("name", "method_params", "model_params"),
+    [
+        ("della", {"rescale": True}, {"density": 0.5, "epsilon": 0.1}),
+        ("nuslerp", {"nuslerp_flatten": False}, {"weight": 0.5}),
+    ],
+)
+def test_statistics_that_need_no_pass_read_nothing(name, method_params, model_params):
+    entry = METHODS[name]
+    models = [entry.model_params(**model_params)] * 2
+    assert entry.statistics(_unstarted((64, 32)), entry.params(**method_params), models) is None

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_cli.fuse import METHODS
-from merge_cli.fuse.registry import TensorJob
+from merge_cli.fuse.registry import ChunkPasses, TensorJob
 
 #: method -> (method params, per-model params, uses a base) where merging two copies of one
 #: fine-tune must give that fine-tune back.
@@ -37,7 +37,7 @@ def _merge(method: str, job: TensorJob, params: dict, per_model: dict) -> torch.
     models = [entry.model_params.model_validate(per_model) for _ in job.models]
     stats = None
     if entry.statistics is not None:
-        stats = entry.statistics(lambda: iter([job]), method_params, models)
+        stats = entry.statistics(ChunkPasses.over([job]), method_params, models)
     return entry.merge(job, method_params, models, stats)
 
 
@@ -77,6 +77,6 @@ def test_interpolations_return_their_endpoints(method, seed, end):
         models = [entry.model_params(weight=w) for w in weights]
         params = entry.params()
         out = entry.merge(
-            job, params, models, entry.statistics(lambda: iter([job]), params, models)
+            job, params, models, entry.statistics(ChunkPasses.over([job]), params, models)
         )
     torch.testing.assert_close(out, (first, second)[end], rtol=1e-5, atol=1e-5)

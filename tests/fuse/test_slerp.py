@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_cli.errors import RecipeError
+from merge_cli.fuse.registry import ChunkPasses
 from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
@@ -85,7 +86,8 @@ def test_nuslerp_row_wise_interpolates_each_row_or_column():
     models = [entry.model_params(weight=1.0)] * 2
     params = entry.params(nuslerp_flatten=False)
     job = TensorJob("w", [v0, v1], None, (0, 2), (2, 2), 0)
-    out = entry.merge(job, params, models, entry.statistics(lambda: iter([job]), params, models))
+    stats = entry.statistics(ChunkPasses.over([job]), params, models)
+    out = entry.merge(job, params, models, stats)
     half = math.sin(math.pi / 4)
     # row 0: orthogonal unit vectors at t=0.5; row 1: colinear, linear interpolation
     assert torch.allclose(out, torch.tensor([[half, half], [1.5, 1.5]]))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge_cli.fuse import METHODS
-from merge_cli.fuse.registry import TensorJob
+from merge_cli.fuse.registry import ChunkPasses, TensorJob
 from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 BASE = torch.tensor([1.0, 2.0, -1.0, 0.5])
@@ -68,8 +68,9 @@ def test_ties_with_one_model_and_density_one_is_task_arithmetic(
     job2 = TensorJob("w", [model.clone()], base, (0, 5), (5, 3), 0)
     ties_params = ties.params.model_validate({"normalize": False, "lambda": scale})
     ta_params = ta.params.model_validate({"lambda": scale})
-    stats = ties.statistics(lambda: iter([job]), ties_params, [ties.model_params(weight=weight)])
-    got = ties.merge(job, ties_params, [ties.model_params(weight=weight)], stats)
+    per_model = [ties.model_params(weight=weight)]
+    stats = ties.statistics(ChunkPasses.over([job]), ties_params, per_model)
+    got = ties.merge(job, ties_params, per_model, stats)
     want = ta.merge(job2, ta_params, [ta.model_params(weight=weight)], None)
     assert torch.allclose(got, want, atol=1e-6)
     del tmp_path
@@ -105,7 +106,7 @@ def test_ties_on_a_2048x5632_tensor_is_faster_than_sorting_its_task_vectors():
     per_model = [ties.model_params(density=0.2)] * 2
     job = TensorJob("w", models, base, (0, 2048), (2048, 5632), 0)
     started = time.perf_counter()
-    stats = ties.statistics(lambda: iter([job]), params, per_model)
+    stats = ties.statistics(ChunkPasses.over([job]), params, per_model)
     merged = ties.merge(job, params, per_model, stats)
     elapsed = time.perf_counter() - started
     kept = (merged != base).float().mean()
