@@ -29,6 +29,8 @@ ALIGNMENT = 4096
 BUFFER_BYTES = 16 * 2**20
 _DIRECT = getattr(os, "O_DIRECT", 0)
 _TORCH_COPY_BYTES = 2**16
+#: What a filesystem answers when it does not take O_DIRECT (or its alignment).
+_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 
 
 class AppendFile:
@@ -46,7 +48,7 @@ class AppendFile:
         try:
             self.fd = os.open(self.name, flags | (_DIRECT if self.direct else 0), 0o666)
         except OSError as error:
-            if error.errno != errno.EINVAL or not self.direct:
+            if error.errno not in _REFUSED or not self.direct:
                 raise
             self.direct = False
             self.fd = os.open(self.name, flags, 0o666)
@@ -116,7 +118,7 @@ class AppendFile:
         try:
             _write_all(self.fd, self._buffer[:count])
         except OSError as error:
-            if error.errno != errno.EINVAL or not self.direct:
+            if error.errno not in _REFUSED or not self.direct:
                 raise
             # The filesystem took the flag but not the write (it wants another alignment):
             # the rest of the file is written the usual way.
