@@ -2,7 +2,7 @@
 
 A merge writes each output byte once and does not read it back, so copying it into the page
 cache first only costs: the copy itself (on the lent VMs, where every newly cached page must
-first be backed by the host, a buffered write ran at 1.5–5 GB/s and took a third of a
+first be backed by the host, a buffered write ran at 1.5–5 GB/s and took nearly a quarter of a
 model_stock merge's CPU time), and the pages it pushes out — the inputs a merge is still
 reading, when they and the output do not both fit in memory. With ``O_DIRECT`` the device
 reads the bytes straight from one reused, page-aligned buffer (measured with ``dd``: a steady
@@ -10,7 +10,7 @@ reads the bytes straight from one reused, page-aligned buffer (measured with ``d
 
 ``O_DIRECT`` needs block-aligned buffers, offsets and lengths: bytes are gathered in the
 buffer and written a whole buffer at a time; the last block is padded with zeros and the
-file is then truncated to its true length. Where the filesystem refuses ``O_DIRECT`` (tmpfs,
+file is then truncated to its true length. Where the filesystem refuses ``O_DIRECT`` (older tmpfs,
 some network filesystems, other systems than Linux) the file is written the usual way.
 """
 
