@@ -235,13 +235,11 @@ def bench_size(
         for cache in ("cold", "warm"):
             output_bytes = input_bytes // 3
             baseline_out = directory / "baseline.bin"
+            prepare = evict if cache == "cold" else warm
             base_runs, merge_runs, merge_rss = [], [], 0
             for _ in range(repeat):  # the two in turn, so drift on the machine hits both
                 shutil.rmtree(out, ignore_errors=True)
-                if cache == "cold":
-                    evict(inputs)
-                else:
-                    warm(inputs)
+                prepare(inputs)
                 seconds, _ = timed(
                     [
                         sys.executable,
@@ -254,10 +252,7 @@ def bench_size(
                 )
                 base_runs.append(seconds)
                 baseline_out.unlink()
-                if cache == "cold":
-                    evict(inputs)
-                else:
-                    warm(inputs)
+                prepare(inputs)
                 seconds, rss = timed(merge_cmd)
                 merge_runs.append(seconds)
                 merge_rss = max(merge_rss, rss)

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,9 +67,7 @@ def main() -> None:
     inputs = sorted(models.rglob("*.safetensors"))
     rows = []
     for method in args.methods:
-        config = args.root / f"{method}.yaml"
-        text = yaml.safe_dump({**bench_mergekit.CONFIGS[method], "dtype": "bfloat16"})
-        config.write_text(text.replace("M/", f"{models}/"))
+        config = bench_mergekit.write_config(args.root, models, method)
         row: dict[str, object] = {"method": method}
         for label, device in (("cpu", "cpu"), ("cuda", args.device)):
             out = args.root / f"out-{label}"

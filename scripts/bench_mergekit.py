@@ -132,6 +132,14 @@ def make_models(root: Path) -> Path:
     return models
 
 
+def write_config(root: Path, models: Path, method: str) -> Path:
+    """``root/<method>.yaml``: the method's mergekit configuration over ``models``, in bf16."""
+    config = root / f"{method}.yaml"
+    text = yaml.safe_dump({**CONFIGS[method], "dtype": "bfloat16"}, sort_keys=False)
+    config.write_text(text.replace("M/", f"{models}/"))
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml")
@@ -144,9 +152,7 @@ def main() -> None:
     inputs = sorted(models.rglob("*.safetensors"))
     rows = []
     for method in args.methods:
-        config = args.root / f"{method}.yaml"
-        text = yaml.safe_dump({**CONFIGS[method], "dtype": "bfloat16"}, sort_keys=False)
-        config.write_text(text.replace("M/", f"{models}/"))
+        config = write_config(args.root, models, method)
         runs: dict[str, list[tuple[float, int]]] = {"mergekit": [], "merge-cli": []}
         for _ in range(args.repeat):
             for tool in runs:

@@ -15,8 +15,6 @@ import torch
 
 from merge_cli.fuse.registry import ChunkPasses, TensorJob
 
-__all__ = ["ChunkPasses"]  # re-exported: the methods' statistics take one
-
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """View a chunk as a 2-D [rows, row elements] matrix (a scalar is one row of one)."""

@@ -68,7 +68,6 @@ class TensorJob:
 
 #: (job, method params, per-model params, statistics) -> merged chunk
 MergeFn = Callable[[TensorJob, Any, list[Any], Any], torch.Tensor]
-#: (chunk factory, method params, per-model params) -> statistics passed to MergeFn
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ reads the bytes straight from one reused, page-aligned buffer (measured with ``d
 ``O_DIRECT`` needs block-aligned buffers, offsets and lengths: bytes are gathered in the
 buffer and written a whole buffer at a time; the last block is padded with zeros and the
 file is then truncated to its true length. Where the filesystem refuses ``O_DIRECT`` (older tmpfs,
-some network filesystems, other systems than Linux) the file is written the usual way.
+some network filesystems, other systems than Linux) the file is written the usual way, and
+bytes copied from another file go file to file in the kernel (``copy_file_range``).
 """
 
 from __future__ import annotations
@@ -21,14 +22,11 @@ import fcntl
 import mmap
 import os
 
-import torch
-
 #: Offsets and lengths of direct writes are multiples of this (any block size up to it).
 ALIGNMENT = 4096
 #: Bytes gathered before each write: large enough that the device streams.
 BUFFER_BYTES = 16 * 2**20
 _DIRECT = getattr(os, "O_DIRECT", 0)
-_TORCH_COPY_BYTES = 2**16
 #: What a filesystem answers when it does not take O_DIRECT (or its alignment).
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 
@@ -53,8 +51,6 @@ class AppendFile:
             self.direct = False
             self.fd = os.open(self.name, flags, 0o666)
         self._buffer = memoryview(buffer)
-        # torch copies into it without holding the GIL (a memoryview copy holds it)
-        self._staging = torch.frombuffer(buffer, dtype=torch.uint8)
         self._filled = 0
         self.size = 0  # bytes appended so far
 
@@ -68,32 +64,30 @@ class AppendFile:
             _write_all(self.fd, data)
             return
         while data.nbytes:
-            count = min(data.nbytes, self._buffer.nbytes - self._filled)
-            if count >= _TORCH_COPY_BYTES and not data.readonly:
-                piece = torch.frombuffer(data[:count], dtype=torch.uint8)
-                self._staging[self._filled : self._filled + count].copy_(piece)
-            else:
-                self._buffer[self._filled : self._filled + count] = data[:count]
-            self._filled += count
-            data = data[count:]
-            if self._filled == self._buffer.nbytes:
-                self._flush(self._filled)
+            space = self._space(data.nbytes)
+            space[:] = data[: space.nbytes]
+            data = data[space.nbytes :]
+            self._advance(space.nbytes)
 
     def copy_from(self, source_fd: int, offset: int, count: int) -> None:
-        """Append ``count`` bytes read from ``offset`` of ``source_fd`` (read straight into
-        the buffer: one copy, where a read and a :meth:`write` would take two)."""
-        assert self.direct, "copy_from is for direct files; copy_file_range serves the others"
+        """Append ``count`` bytes read from ``offset`` of ``source_fd``.
+
+        A direct file reads them straight into its buffer (one copy, where a read and a
+        :meth:`write` would take two); any other has the kernel copy file to file
+        (``copy_file_range``: the bytes never pass through this process), or copies by hand
+        where the filesystem cannot.
+        """
         self.size += count
+        if not self.direct:
+            _copy_bytes(source_fd, self.fd, offset, count)
+            return
         while count > 0:
-            space = self._buffer[self._filled : self._filled + min(count, self._buffer.nbytes)]
-            got = os.preadv(source_fd, [space], offset)
+            got = os.preadv(source_fd, [self._space(count)], offset)
             if got == 0:
                 raise OSError(errno.EIO, f"unexpected end of the input at byte {offset}")
-            self._filled += got
             offset += got
             count -= got
-            if self._filled == self._buffer.nbytes:
-                self._flush(self._filled)
+            self._advance(got)
 
     def close(self) -> None:
         """Write what is left (padded to a whole block, then truncated away) and close."""
@@ -113,6 +107,16 @@ class AppendFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def _space(self, count: int) -> memoryview:
+        """The free part of the buffer, at most ``count`` bytes of it."""
+        return self._buffer[self._filled : min(self._buffer.nbytes, self._filled + count)]
+
+    def _advance(self, count: int) -> None:
+        """``count`` more bytes of the buffer are filled: written out once it is full."""
+        self._filled += count
+        if self._filled == self._buffer.nbytes:
+            self._flush(self._filled)
 
     def _flush(self, count: int) -> None:
         try:
@@ -136,3 +140,26 @@ def aligned_buffer(nbytes: int = BUFFER_BYTES) -> mmap.mmap:
 def _write_all(fd: int, data: memoryview) -> None:
     while data.nbytes:
         data = data[os.write(fd, data) :]
+
+
+def _copy_bytes(source_fd: int, target_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes from ``offset`` of ``source_fd`` to the position of ``target_fd``."""
+    copy_file_range = getattr(os, "copy_file_range", None)
+    while count > 0 and copy_file_range is not None:
+        try:
+            copied = copy_file_range(source_fd, target_fd, count, offset)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+                raise
+            break  # not supported here (EXDEV, ENOSYS, EINVAL, ...): copy by hand
+        if copied == 0:
+            raise OSError(errno.EIO, f"unexpected end of the input at byte {offset}")
+        offset += copied
+        count -= copied
+    while count > 0:
+        data = memoryview(os.pread(source_fd, min(count, 16 * 2**20), offset))
+        if not data:
+            raise OSError(errno.EIO, f"unexpected end of the input at byte {offset}")
+        offset += len(data)
+        count -= len(data)
+        _write_all(target_fd, data)

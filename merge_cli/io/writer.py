@@ -89,30 +89,6 @@ def staging_path(target: Path, overwrite: bool) -> Path:
     return target.parent / f".{target.name}.partial-{os.getpid()}"
 
 
-def _copy_bytes(source_fd: int, target_fd: int, offset: int, count: int) -> None:
-    """Copy ``count`` bytes from ``offset`` of ``source_fd`` to the position of ``target_fd``."""
-    copy_file_range = getattr(os, "copy_file_range", None)
-    while count > 0 and copy_file_range is not None:
-        try:
-            copied = copy_file_range(source_fd, target_fd, count, offset)
-        except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
-                raise
-            break  # not supported here (EXDEV, ENOSYS, EINVAL, ...): copy by hand
-        if copied == 0:
-            raise OSError(errno.EIO, f"unexpected end of the input at byte {offset}")
-        offset += copied
-        count -= copied
-    while count > 0:
-        data = memoryview(os.pread(source_fd, min(count, 16 * 2**20), offset))
-        if not data:
-            raise OSError(errno.EIO, f"unexpected end of the input at byte {offset}")
-        offset += len(data)
-        count -= len(data)
-        while data:
-            data = data[os.write(target_fd, data) :]
-
-
 class ShardedWriter:
     """Writes shards tensor by tensor into a temporary directory, then renames it into place.
 
@@ -188,10 +164,8 @@ class ShardedWriter:
     def copy_range(self, name: str, source: FileRange) -> None:
         """Append tensor ``name``'s bytes (or its next row chunk's) straight from ``source``.
 
-        The kernel copies file to file (``copy_file_range``): the bytes never pass through
-        this process, which halves the memory traffic of copied tensors (passthrough).
-        Falls back to a read and a write where the filesystem cannot. A shard written with
-        ``O_DIRECT`` reads the bytes straight into its write buffer instead.
+        Without reading them here (:meth:`~merge_cli.io.direct.AppendFile.copy_from`): the
+        kernel copies file to file, or, into a direct shard, straight into its buffer.
         """
         if not self._expected:
             self._open_next_shard()
@@ -201,11 +175,7 @@ class ShardedWriter:
         assert self._handle is not None
         try:
             with open(source.path, "rb", buffering=0) as handle:
-                if self._handle.direct:
-                    self._handle.copy_from(handle.fileno(), source.offset, source.nbytes)
-                else:
-                    target = self._handle.fileno()
-                    _copy_bytes(handle.fileno(), target, source.offset, source.nbytes)
+                self._handle.copy_from(handle.fileno(), source.offset, source.nbytes)
         except OSError as error:
             raise self._os_error(error, Path(self._handle.name)) from error
         self._advance(info, remaining - source.nbytes)
