@@ -1,6 +1,6 @@
 """``merge_cli.load``: any merge-cli output (or input) as one ``nn.Module``.
 
-An ensemble directory (``ensemble.json``) becomes an :class:`~merge_cli.fuse.ensemble.Ensemble`;
+An ensemble directory (``ensemble.json``) becomes an :class:`~merge_cli.task.ensemble.Ensemble`;
 any other checkpoint is built by a task's model builder and loaded strictly.
 """
 
@@ -34,9 +34,9 @@ def load(
     directory needs none (its members' tasks are recorded in it); a checkpoint directory with
     a config.json defaults to ``"transformers"``.
     """
-    from merge_cli.fuse.ensemble import is_ensemble, load_ensemble
     from merge_cli.io.resolve import open_checkpoint
     from merge_cli.task import Task
+    from merge_cli.task.ensemble import is_ensemble, load_ensemble
 
     spec = as_task_spec(task)
     if is_ensemble(path):

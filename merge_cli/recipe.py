@@ -1,15 +1,17 @@
-"""The recipe: pydantic models for format v1, parsing, overrides and error reports.
+"""The recipe schema: pydantic models for format v1, YAML parsing, ``--set`` overrides and
+schema error reports.
 
-Everything in a recipe is validated here, once, before any tensor is read. Errors name the
-file, the key path and what was expected, and one report lists every problem in the file.
-The core receives a valid :class:`Recipe` and does not re-check it.
+This module imports nothing of merge-cli but its errors. Reading a recipe file (mergekit
+detection and translation, this schema, the cross-field checks) is
+:mod:`merge_cli.config`'s; everything is validated there, once, before any tensor is read.
+Errors name the file, the key path and what was expected, and one report lists every
+problem in the file. The core receives a valid :class:`Recipe` and does not re-check it.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -158,25 +160,7 @@ class Recipe(Strict):
 
 
 # ---------------------------------------------------------------------------------------
-# Loading
-
-
-def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, out: str | None = None
-) -> Recipe:
-    """Read, override and validate a recipe file; raise :class:`RecipeError` listing problems."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise RecipeError(source, [f"cannot read the recipe ({error.strerror or error})"]) from None
-    raw = parse_yaml(text, source)
-    if isinstance(raw, dict) and "merge_method" in raw:
-        from merge_cli.mergekit import translate_mergekit
-
-        raw = translate_mergekit(raw, source)
-    return recipe_from_dict(raw, source, overrides=overrides, out=out)
+# Parsing (schema only; cross-field checks: merge_cli.checks, via merge_cli.config)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -190,10 +174,13 @@ def parse_yaml(text: str, source: str) -> Any:
         raise RecipeError(source, [f"invalid YAML: {error}"]) from None
 
 
-def recipe_from_dict(
+def parse_recipe(
     raw: Any, source: str = "<recipe>", overrides: list[str] | None = None, out: str | None = None
 ) -> Recipe:
-    """Validate a recipe given as a mapping (after applying ``--set`` and ``--out``)."""
+    """The schema-valid :class:`Recipe` of a mapping (after applying ``--set`` and ``--out``).
+
+    Checks that need more than one key or a registry (model names, methods, parameters) are
+    :func:`merge_cli.config.recipe_from_dict`'s."""
     if not isinstance(raw, dict):
         raise RecipeError(source, [f"expected a mapping of sections, got {type(raw).__name__}"])
     raw = apply_overrides(raw, overrides or [], source)
@@ -203,13 +190,9 @@ def recipe_from_dict(
             raise RecipeError(source, ["save: expected a mapping"])
         raw["save"]["path"] = out
     try:
-        recipe = Recipe.model_validate(raw)
+        return Recipe.model_validate(raw)
     except ValidationError as error:
         raise RecipeError(source, format_validation_errors(error)) from None
-    problems = check_recipe(recipe)
-    if problems:
-        raise RecipeError(source, problems)
-    return recipe
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
@@ -279,14 +262,3 @@ def _known_keys() -> list[str]:
     for model in (Recipe, TaskSpec, ModelEntry, AlignSpec, Rule, FuseSpec, EvalSpec, SaveSpec):
         keys.update(model.model_fields)
     return sorted(keys)
-
-
-# ---------------------------------------------------------------------------------------
-# Cross-field checks: model names, methods, method parameters
-
-
-def check_recipe(recipe: Recipe) -> list[str]:
-    """Every problem that needs more than one key to see (names, methods, parameters)."""
-    from merge_cli.checks import check_recipe_semantics
-
-    return check_recipe_semantics(recipe)

@@ -78,8 +78,8 @@ def _accuracies(path: Path, split: str) -> dict[str, float]:
 
 
 def _merge(paths: dict[str, Path], method: str, params: dict[str, Any], out: Path) -> Path:
+    from merge_cli.config import recipe_from_dict
     from merge_cli.pipeline import run
-    from merge_cli.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(
         {

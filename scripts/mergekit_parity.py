@@ -27,11 +27,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import make_example_models as examples  # noqa: E402
 
+from merge_cli.config import load_recipe  # noqa: E402
 from merge_cli.fuse import METHODS  # noqa: E402
 from merge_cli.io import open_checkpoint  # noqa: E402
 from merge_cli.io.checkpoint import read_state_dict  # noqa: E402
-from merge_cli.pipeline import RunOptions, run  # noqa: E402
-from merge_cli.recipe import load_recipe  # noqa: E402
+from merge_cli.options import RunOptions  # noqa: E402
+from merge_cli.pipeline import run  # noqa: E402
 
 #: name -> (merge-cli method, mergekit configuration without models and dtype)
 MODELS = {

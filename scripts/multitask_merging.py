@@ -26,12 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from merge_cli.fuse import METHODS, TensorJob  # noqa: E402
-from merge_cli.fuse.heads import head_output_name, is_head, task_state_dict  # noqa: E402
+from merge_cli.config import recipe_from_dict  # noqa: E402
+from merge_cli.engine.method import TensorJob  # noqa: E402
+from merge_cli.fuse import METHODS  # noqa: E402
+from merge_cli.fuse.datamerge.heads import head_output_name, is_head, task_state_dict  # noqa: E402
 from merge_cli.io import open_checkpoint  # noqa: E402
 from merge_cli.io.checkpoint import read_state_dict  # noqa: E402
-from merge_cli.pipeline import RunOptions, run  # noqa: E402
-from merge_cli.recipe import recipe_from_dict  # noqa: E402
+from merge_cli.options import RunOptions  # noqa: E402
+from merge_cli.pipeline import run  # noqa: E402
 from merge_cli.task import load_callable  # noqa: E402
 
 TASK_FILE = REPO / "recipes" / "tasks" / "multitask.py"

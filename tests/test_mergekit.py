@@ -14,12 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict
 
+from merge_cli.config import load_recipe, recipe_from_dict
+from merge_cli.engine.method import MethodInfo as Method
+from merge_cli.engine.params import layer_index, layer_position, resolve_params
 from merge_cli.errors import RecipeError
 from merge_cli.fuse import METHODS
-from merge_cli.fuse.params import layer_index, layer_position, resolve_params
-from merge_cli.fuse.registry import Method
 from merge_cli.mergekit import MERGEKIT_METHODS, MergekitMethod, translate_mergekit
-from merge_cli.recipe import FuseSpec, load_recipe, recipe_from_dict
+from merge_cli.recipe import FuseSpec
 from tests.conftest import load_safetensors_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
+from merge_cli.config import load_recipe, recipe_from_dict
 from merge_cli.errors import RecipeError
-from merge_cli.recipe import load_recipe, recipe_from_dict
 
 
 def write(tmp_path, text: str):

@@ -52,6 +52,3 @@ ALIGNERS: dict[str, Aligner] = {
         ),
     )
 }
-
-#: Alignment methods from the design that are not built yet.
-PLANNED: set[str] = set()

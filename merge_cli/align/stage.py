@@ -13,7 +13,6 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,11 +26,10 @@ from merge_cli.align.spec import BUILTIN_SPECS, PermutationSpec, load_spec_file,
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint, InMemoryCheckpoint, read_state_dict
 from merge_cli.io.resolve import open_checkpoint
+from merge_cli.options import RunOptions
 from merge_cli.recipe import Recipe
+from merge_cli.save import save_checkpoint
 from merge_cli.task import Task
-
-if TYPE_CHECKING:
-    from merge_cli.pipeline import RunOptions
 
 _LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -111,8 +109,6 @@ def repair_output(
     recipe: Recipe, checkpoints: dict[str, Checkpoint], output: Path, options: RunOptions
 ) -> Path:
     """REPAIR the saved fused model (``align.repair: true``) and save it in its place."""
-    from merge_cli.pipeline import save_checkpoint
-
     assert recipe.align is not None and recipe.fuse is not None
     task_spec = recipe.task_for(reference_name(recipe))
     assert task_spec is not None

@@ -6,7 +6,8 @@ curve or polygonal chain (:mod:`merge_cli.connect.path`) minimises the expected 
 ``E_{t ~ U(0, 1)} L(phi_theta(t))`` on the task's training data, one uniformly drawn ``t``
 per batch. The bend starts at the midpoint of the endpoints (the linear path). BatchNorm
 layers train on batch statistics; the saved model gets its running statistics recomputed
-on the training data. The ``curve`` fuse method (:mod:`merge_cli.fuse.curve`) runs this and
+on the training data. The ``curve`` fuse method (:mod:`merge_cli.fuse.datamerge.curve`) runs
+this and
 saves the model at ``t`` and the bend.
 """
 

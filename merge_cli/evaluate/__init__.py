@@ -18,7 +18,5 @@ _ENTRIES = [LOSS, ACCURACY, PERPLEXITY, BARRIER, WEIGHT_STATS]
 #: Every available metric by name.
 METRICS: dict[str, Metric] = {metric.name: metric for metric in _ENTRIES}
 
-#: Metrics from the design that are not built yet.
-PLANNED: set[str] = set()
 
-__all__ = ["METRICS", "PLANNED", "Metric"]
+__all__ = ["METRICS", "Metric"]

@@ -23,9 +23,9 @@ from merge_cli.connect.path import BEND_FILE, curve_point, load_bend
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.plots import plot_paths
 from merge_cli.evaluate.registry import MERGED, EvalContext, Metric, MetricParams, MetricResult
-from merge_cli.evaluate.scoring import read_weights, score
 from merge_cli.io.checkpoint import read_state_dict
 from merge_cli.recipe import EvalSpec, Recipe
+from merge_cli.task.scoring import read_weights, score
 
 PATHS = ("linear", "curve")
 

@@ -17,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from merge_cli.errors import TaskError
-from merge_cli.evaluate.scoring import Scores, load_weights, score
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.progress import Progress
 from merge_cli.recipe import EvalSpec, Recipe, TaskSpec
 from merge_cli.task import Task
+from merge_cli.task.ensemble import load_ensemble
+from merge_cli.task.scoring import Scores, load_weights, score
 
 #: The name under which ``evaluate[].models`` refers to the fused result.
 MERGED = "merged"
@@ -103,8 +104,6 @@ class EvalContext:
         """``name``'s weights in ``task``'s model (cast to ``dtype`` when given, before the
         weights are copied in), on the evaluation device."""
         if name in self.ensembles:
-            from merge_cli.fuse.ensemble import load_ensemble
-
             ensemble = load_ensemble(self.ensembles[name], device=self.device)
             return (ensemble if dtype is None else ensemble.to(dtype)).eval()
         checkpoint = self.checkpoint(name)

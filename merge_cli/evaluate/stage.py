@@ -1,9 +1,10 @@
 """The evaluate stage: runs a recipe's ``evaluate`` entries and writes the JSON report.
 
-Called by the pipeline after the fuse stage (with the fused output as ``merged``) and by
-``merge-cli eval`` on existing checkpoints. The report, ``evaluation.json``, and the plots
-go into the merged model's directory when there is one, else ``save.path`` when it exists,
-else the current directory, unless a report path is given.
+Called by the pipeline after the fuse stage (with the fused output as ``merged``), and for
+``merge-cli eval`` on existing checkpoints (:func:`merge_cli.pipeline.run_evaluation`). The
+report, ``evaluation.json``, and the plots go into the merged model's directory when there
+is one, else ``save.path`` when it exists, else the current directory, unless a report path
+is given.
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from merge_cli import __version__
-from merge_cli.errors import CheckpointError, OutputError
+from merge_cli.errors import OutputError
 from merge_cli.evaluate import METRICS
 from merge_cli.evaluate.registry import MERGED, EvalContext
-from merge_cli.fuse.ensemble import is_ensemble
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.resolve import open_checkpoint
+from merge_cli.options import RunOptions
 from merge_cli.recipe import Recipe
-
-if TYPE_CHECKING:
-    from merge_cli.pipeline import RunOptions
+from merge_cli.task.ensemble import is_ensemble
 
 REPORT_NAME = "evaluation.json"
 
@@ -101,30 +100,3 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         path.write_text(json.dumps(_finite(report), indent=2, ensure_ascii=False) + "\n")
     except OSError as error:
         raise OutputError(f"{path}: cannot write the evaluation report ({error})") from error
-
-
-def run_evaluation(
-    recipe: Recipe,
-    options: RunOptions,
-    merged: str | None = None,
-    report: Path | None = None,
-) -> tuple[list[dict[str, Any]], Path]:
-    """``merge-cli eval``: the evaluate stage alone, on existing checkpoints (no fuse).
-
-    ``merged`` is the fused model to score as ``merged`` (default: ``save.path`` when it
-    exists). Alignment runs first when the recipe has it, as in a full run."""
-    from merge_cli.pipeline import open_models
-
-    checkpoints = open_models(recipe)
-    if recipe.align is not None:
-        from merge_cli.align.stage import align_models
-
-        checkpoints = align_models(recipe, checkpoints, options)
-    merged_path = Path(merged) if merged is not None else None
-    if merged_path is None and recipe.save is not None and Path(recipe.save.path).exists():
-        merged_path = Path(recipe.save.path)
-    if merged_path is not None and not merged_path.exists():
-        raise CheckpointError(f"--merged {merged_path}: no such file or directory")
-    report = report or default_report_path(recipe, merged_path)
-    rows = evaluate_recipe(recipe, checkpoints, merged_path, options, report)
-    return rows, report

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from merge_cli.engine.executor import row_chunks
 from merge_cli.errors import PlanError
-from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, row_chunks
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.dtypes import is_float
+from merge_cli.options import DEFAULT_CHUNK_BYTES
 from merge_cli.progress import NullProgress, Progress
 
 

@@ -16,12 +16,13 @@ from itertools import combinations
 import torch
 from pydantic import Field
 
+from merge_cli.engine.executor import row_chunks
+from merge_cli.engine.params import layer_index
 from merge_cli.errors import PlanError
 from merge_cli.evaluate.registry import EvalContext, Metric, MetricParams, MetricResult
-from merge_cli.fuse.executor import DEFAULT_CHUNK_BYTES, row_chunks
-from merge_cli.fuse.params import layer_index
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.dtypes import is_float
+from merge_cli.options import DEFAULT_CHUNK_BYTES
 from merge_cli.progress import NullProgress, Progress
 from merge_cli.recipe import EvalSpec, Recipe
 

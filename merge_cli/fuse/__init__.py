@@ -1,68 +1,31 @@
-"""Fuse stage: the method registry.
+"""Fuse stage: the method registry, by kind.
 
-Adding a method: write ``merge_cli/fuse/NAME.py`` with a plain function and a ``METHOD``
-entry (:class:`~merge_cli.fuse.registry.Method`), then add it to ``_MODULES`` below.
+* :mod:`merge_cli.fuse.tensorwise`: per-tensor weight averaging, streamed by the engine;
+* :mod:`merge_cli.fuse.datamerge`: data-aware whole-model methods;
+* :mod:`merge_cli.fuse.ensembles`: output ensembles, MoE assembly and distillation;
+* :mod:`merge_cli.fuse.planning`: from a recipe's fuse section to a streaming plan;
+* :mod:`merge_cli.fuse.checks`: the fuse section's cross-field recipe checks.
+
+Adding a method: write a module with a plain function and one entry
+(:class:`~merge_cli.engine.method.TensorMethod` or
+:class:`~merge_cli.engine.method.ModelMethod`) in the package of its kind, and list the entry
+in that package's registry (or below, for the ensembles).
 """
 
 from __future__ import annotations
 
-from merge_cli.fuse import (
-    adamerging,
-    breadcrumbs,
-    curve,
-    dare,
-    della,
-    distill,
-    ensemble,
-    fisher,
-    greedy_soup,
-    linear,
-    model_stock,
-    moe,
-    multislerp,
-    passthrough,
-    regmean,
-    sce,
-    slerp,
-    task_arithmetic,
-    ties,
-)
-from merge_cli.fuse.registry import Method, TensorJob
-
-#: Modules that define ``METHOD`` (one method) or ``METHODS`` (a family of variants).
-_MODULES = [
-    linear,
-    passthrough,
-    task_arithmetic,
-    ties,
-    dare,
-    breadcrumbs,
-    della,
-    slerp,
-    multislerp,
-    model_stock,
-    sce,
-    fisher,
-    regmean,
-    adamerging,
-    greedy_soup,
-    curve,
-    ensemble,
-    moe,
-    distill,
-]
-
-
-def _entries(module) -> list[Method]:
-    return list(module.METHODS) if hasattr(module, "METHODS") else [module.METHOD]
-
+from merge_cli.engine.method import Method
+from merge_cli.fuse.datamerge import DATA_METHODS
+from merge_cli.fuse.ensembles import distill, ensemble, moe
+from merge_cli.fuse.tensorwise import TENSOR_METHODS
 
 #: Every available fuse method by name.
 METHODS: dict[str, Method] = {
-    method.name: method for module in _MODULES for method in _entries(module)
+    **TENSOR_METHODS,
+    **DATA_METHODS,
+    ensemble.METHOD.name: ensemble.METHOD,
+    moe.METHOD.name: moe.METHOD,
+    distill.METHOD.name: distill.METHOD,
 }
 
-#: Methods from the design that are not built yet: the recipe check says so by name.
-PLANNED: set[str] = set()
-
-__all__ = ["METHODS", "PLANNED", "Method", "TensorJob"]
+__all__ = ["METHODS"]

@@ -1,6 +1,6 @@
 """Vocabularies read from ``tokenizer.json``, and the union tokenizer's files.
 
-``fuse.tokenizer_source: union`` (see :mod:`merge_cli.fuse.vocab`) needs every model's
+``fuse.tokenizer_source: union`` (see :mod:`merge_cli.engine.vocab`) needs every model's
 vocabulary: which token string has which id. It is read from the model directory's
 ``tokenizer.json`` (the Hugging Face ``tokenizers`` format) as plain JSON, so the core needs
 neither ``transformers`` nor ``tokenizers``:

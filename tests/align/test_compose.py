@@ -8,11 +8,12 @@ import torch
 
 from merge_cli import fuse
 from merge_cli.align.spec import llama_spec, permute_state_dict, random_permutations
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import MergeCliError
 from merge_cli.io import open_checkpoint
 from merge_cli.io.checkpoint import read_state_dict
-from merge_cli.pipeline import RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
 from tests.conftest import load_safetensors_dir
 
 STREAMING = sorted(name for name, method in fuse.METHODS.items() if method.streaming)

@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from merge_cli.config import recipe_from_dict
 from merge_cli.connect.path import BEND_FILE, curve_point
 from merge_cli.errors import RecipeError
 from merge_cli.pipeline import run
-from merge_cli.recipe import recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_cli.evaluate.scoring import score
-from merge_cli.fuse.greedy_soup import greedy_soup
-from merge_cli.pipeline import REPORT_FILE
+from merge_cli.fuse.datamerge.greedy_soup import greedy_soup
+from merge_cli.save import REPORT_FILE
+from merge_cli.task.scoring import score
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from merge_cli.pipeline import RunOptions
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.config import recipe_from_dict
+from merge_cli.options import RunOptions
 
 REPO = Path(__file__).resolve().parents[2]
 

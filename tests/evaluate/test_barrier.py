@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from merge_cli.evaluate.stage import run_evaluation
+from merge_cli.pipeline import run_evaluation
 from tests.evaluate.helpers import digits_recipe, options
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

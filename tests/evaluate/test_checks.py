@@ -2,8 +2,8 @@
 
 import pytest
 
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import RecipeError
-from merge_cli.recipe import recipe_from_dict
 
 
 def _problems(evaluate, task=True, **extra):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import TaskError
 from merge_cli.evaluate.perplexity import window_starts
-from merge_cli.evaluate.stage import run_evaluation
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.pipeline import run_evaluation
 from tests.evaluate.helpers import options
 
 TEXT = (

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from merge_cli.errors import TaskError
-from merge_cli.evaluate.stage import evaluate_recipe, run_evaluation
-from merge_cli.pipeline import open_models
+from merge_cli.evaluate.stage import evaluate_recipe
+from merge_cli.pipeline import open_models, run_evaluation
 from tests.evaluate.helpers import DIGITS, RecordingProgress, digits_recipe, options
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from merge_cli.config import recipe_from_dict
 from merge_cli.io import open_checkpoint
 from merge_cli.io.checkpoint import read_state_dict
-from merge_cli.pipeline import RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
 
 _counter = itertools.count()
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 import yaml
 
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import PlanError
-from merge_cli.fuse.adamerging import entropy
-from merge_cli.pipeline import REPORT_FILE, RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.fuse.datamerge.adamerging import entropy
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
+from merge_cli.save import REPORT_FILE
 from tests.fuse import datamerge_models as dm
 from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merge_cli.engine.method import ChunkPasses, TensorJob
 from merge_cli.errors import MergeCliError
 from merge_cli.fuse import METHODS
-from merge_cli.fuse.della import keep_probability, rank_fraction
-from merge_cli.fuse.registry import ChunkPasses, TensorJob
+from merge_cli.fuse.tensorwise.della import keep_probability, rank_fraction
 from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 

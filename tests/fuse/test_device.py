@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_cli.pipeline import RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.config import recipe_from_dict
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
 from tests.conftest import load_safetensors_dir
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

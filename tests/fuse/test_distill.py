@@ -9,11 +9,17 @@ import torch
 import yaml
 
 import merge_cli
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import PlanError, RecipeError
-from merge_cli.fuse.distill import DistillParams, distill, distillation_loss, initial_student
-from merge_cli.fuse.ensemble import Ensemble
-from merge_cli.pipeline import RunOptions, open_models, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.fuse.ensembles.distill import (
+    DistillParams,
+    distill,
+    distillation_loss,
+    initial_student,
+)
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import open_models, run
+from merge_cli.task.ensemble import Ensemble
 from tests.conftest import REPO, single_thread
 from tests.fuse.test_ensemble import digits_members
 

@@ -9,17 +9,17 @@ import torch
 import yaml
 
 import merge_cli
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import OutputError, PlanError, TaskError
-from merge_cli.fuse.ensemble import (
-    Ensemble,
-    combine_outputs,
+from merge_cli.fuse.ensembles.ensemble import (
     fit_simplex_weights,
     member_probabilities,
     select_weights,
 )
-from merge_cli.pipeline import RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
 from merge_cli.task import load_module
+from merge_cli.task.ensemble import Ensemble, combine_outputs
 from tests.conftest import REPO, single_thread
 
 RECIPE = REPO / "recipes" / "ensemble" / "digits_ensemble.yaml"
@@ -190,7 +190,7 @@ def test_output_is_never_half_written(member_files, tmp_path, monkeypatch):
         run(recipe_from_dict(raw))
     before = (out / "ensemble.json").read_text()
 
-    import merge_cli.pipeline as pipeline
+    from merge_cli import save
 
     calls = []
 
@@ -200,13 +200,13 @@ def test_output_is_never_half_written(member_files, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return original(*args, **kwargs)
 
-    original = pipeline.save_checkpoint
-    monkeypatch.setattr(pipeline, "save_checkpoint", failing_save)
+    original = save.save_checkpoint
+    monkeypatch.setattr(save, "save_checkpoint", failing_save)
     with pytest.raises(OutputError, match="nothing was written there"):
         run(recipe_from_dict(raw), RunOptions(overwrite=True))
     assert (out / "ensemble.json").read_text() == before  # the old output is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directory left
-    monkeypatch.setattr(pipeline, "save_checkpoint", original)
+    monkeypatch.setattr(save, "save_checkpoint", original)
     run(
         recipe_from_dict(ensemble_recipe(member_files, out, combine="vote")),
         RunOptions(overwrite=True),

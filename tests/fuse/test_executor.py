@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 
+from merge_cli.engine import executor
+from merge_cli.engine.executor import compute_threads
+from merge_cli.engine.method import ChunkPasses
 from merge_cli.errors import OutputError
-from merge_cli.fuse import METHODS, executor
-from merge_cli.fuse.executor import compute_threads
-from merge_cli.fuse.registry import ChunkPasses
+from merge_cli.fuse import METHODS
 from merge_cli.io.writer import ShardedWriter
-from merge_cli.pipeline import RunOptions, run
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
 from tests.conftest import load_safetensors_dir
 from tests.fuse.test_linear import linear_recipe
 
@@ -81,8 +83,8 @@ def test_statistics_ahead_equal_statistics_in_line(tmp_path, monkeypatch, method
     the output computed without any background thread."""
     import functools
 
-    from merge_cli import pipeline
-    from merge_cli.fuse.executor import ExecutionOptions
+    from merge_cli import save
+    from merge_cli.engine.executor import ExecutionOptions
     from tests.fuse.fuse_harness import merge, random_models
 
     shapes = {f"layers.{i}.weight": (6 + i, 5) for i in range(4)} | {"norm": (5,)}
@@ -98,7 +100,7 @@ def test_statistics_ahead_equal_statistics_in_line(tmp_path, monkeypatch, method
 
     monkeypatch.setattr(executor._Run, "chunked_statistics", counted)
     monkeypatch.setattr(
-        pipeline, "ExecutionOptions", functools.partial(ExecutionOptions, prefetch=False)
+        save, "ExecutionOptions", functools.partial(ExecutionOptions, prefetch=False)
     )
     in_line = merge(tmp_path, method, models, params=params, chunk_bytes=40)
     assert threaded.keys() == in_line.keys()
@@ -123,7 +125,7 @@ def test_kept_chunks_and_masks_are_read_and_drawn_once_and_change_nothing(
     """A chunked tensor small enough for the keep budget is read once (the statistics pass
     keeps its chunks for the merge) and DARE/DELLA draw its masks once; the output is the
     same as with nothing kept, and as with only the masks kept."""
-    from merge_cli.fuse import dare, della
+    from merge_cli.fuse.tensorwise import dare, della
     from tests.fuse.fuse_harness import merge, random_models
 
     models = random_models(["base", "a", "b"], {"w": (40, 8), "norm": (8,)})

@@ -9,9 +9,11 @@ import pytest
 import torch
 import yaml
 
-from merge_cli.fuse.fisher import diagonal_fisher, fisher_average
-from merge_cli.pipeline import REPORT_FILE, RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.config import recipe_from_dict
+from merge_cli.fuse.datamerge.fisher import diagonal_fisher, fisher_average
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
+from merge_cli.save import REPORT_FILE
 from tests.fuse import datamerge_models as dm
 from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
@@ -131,7 +133,7 @@ def test_fisher_cache_is_reused_and_keyed_on_params(tmp_path, models, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("the Fisher was recomputed despite a cache")
 
-    monkeypatch.setattr("merge_cli.fuse.fisher.diagonal_fisher", fail)
+    monkeypatch.setattr("merge_cli.fuse.datamerge.fisher.diagonal_fisher", fail)
     second = run(recipe_from_dict(recipe), RunOptions(overwrite=True))
     assert [s["cached"] for s in second.report["statistics"].values()] == [True, True]
     second_state = dm.state(second.output)

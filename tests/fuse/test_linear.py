@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from merge_cli.fuse import linear as linear_module
-from merge_cli.fuse.linear import linear, linear_blocked
-from merge_cli.pipeline import RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.config import recipe_from_dict
+from merge_cli.fuse.tensorwise import linear as linear_module
+from merge_cli.fuse.tensorwise.linear import linear, linear_blocked
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
 from tests.conftest import load_safetensors_dir
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge_cli.fuse.hashing import uniform_range
+from merge_cli.fuse.tensorwise.hashing import uniform_range
 from tests.fuse.fuse_harness import random_models
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -43,10 +43,11 @@ def test_random_drops_are_identical_on_cpu_and_cuda():
 def test_cuda_merge_matches_cpu(tmp_path, method, params):
     from safetensors.torch import save_file
 
+    from merge_cli.config import recipe_from_dict
     from merge_cli.io import open_checkpoint
     from merge_cli.io.checkpoint import read_state_dict
-    from merge_cli.pipeline import RunOptions, run
-    from merge_cli.recipe import recipe_from_dict
+    from merge_cli.options import RunOptions
+    from merge_cli.pipeline import run
 
     models = random_models(["base", "a", "b"], {"w": (64, 48), "v": (48,)})
     for name, state in models.items():

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import PlanError, RecipeError
 from merge_cli.pipeline import run
-from merge_cli.recipe import recipe_from_dict
 from tests.conftest import REPO, load_safetensors_dir
 
 transformers = pytest.importorskip("transformers")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from merge_cli.fuse import METHODS
-from merge_cli.fuse.params import (
+from merge_cli.engine.params import (
     count_layers,
     interpolate,
     layer_index,
     layer_position,
     resolve_params,
 )
+from merge_cli.fuse import METHODS
 from merge_cli.recipe import FuseSpec
 
 

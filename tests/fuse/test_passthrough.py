@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from merge_cli.config import recipe_from_dict
 from merge_cli.errors import PlanError
 from merge_cli.pipeline import run
-from merge_cli.recipe import recipe_from_dict
 from tests.conftest import load_safetensors_dir
 
 

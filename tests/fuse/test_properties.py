@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from merge_cli.engine.method import ChunkPasses, TensorJob
 from merge_cli.fuse import METHODS
-from merge_cli.fuse.registry import ChunkPasses, TensorJob
 
 #: method -> (method params, per-model params, uses a base) where merging two copies of one
 #: fine-tune must give that fine-tune back.

@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from merge_cli.fuse.regmean import gram_matrices, regmean_weight
-from merge_cli.pipeline import RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.config import recipe_from_dict
+from merge_cli.fuse.datamerge.regmean import gram_matrices, regmean_weight
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
 from tests.fuse import datamerge_models as dm
 from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
@@ -97,7 +98,7 @@ def test_gram_cache_is_reused(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr("merge_cli.fuse.regmean.gram_matrices", fail)
+    monkeypatch.setattr("merge_cli.fuse.datamerge.regmean.gram_matrices", fail)
     recipe["fuse"]["params"]["alpha"] = 0.5  # applied at merge time: same statistics
     second = run(recipe_from_dict(recipe), RunOptions(overwrite=True))
     assert all(s["cached"] for s in second.report["statistics"].values())

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge_cli.fuse.hashing import stream_key, uniform_range
-from merge_cli.fuse.selection import HIGH_BINS, LOW_BINS, magnitude_keys, select_top_k
+from merge_cli.fuse.tensorwise.hashing import stream_key, uniform_range
+from merge_cli.fuse.tensorwise.selection import HIGH_BINS, LOW_BINS, magnitude_keys, select_top_k
 
 
 def _reference_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,7 +91,7 @@ def test_uniform_hash_is_fixed_by_seed_stream_and_index_only():
 
 def _reference_uniform(seed: int, stream: int, index: int) -> float:
     """The documented hash, in Python integers (indices below 2**32)."""
-    from merge_cli.fuse.hashing import _MASK32, _MULTIPLIER_1, _MULTIPLIER_2, stream_key
+    from merge_cli.fuse.tensorwise.hashing import _MASK32, _MULTIPLIER_1, _MULTIPLIER_2, stream_key
 
     hashed = index ^ stream_key(seed, stream)
     hashed = (hashed * _MULTIPLIER_1) & _MASK32
@@ -113,7 +113,7 @@ def test_uniform_hash_equals_the_reference_on_both_integer_paths(start):
 def test_uniform_below_is_the_float_comparison_even_next_to_a_draw(start):
     """The integer comparison behind DARE's masks gives ``uniform_range(...) < p`` exactly,
     including for p a fraction of 2**-24 above or below a draw (where float32 rounds p)."""
-    from merge_cli.fuse.hashing import uniform_below
+    from merge_cli.fuse.tensorwise.hashing import uniform_below
 
     seed, stream, count = 3, 3, 4096
     draws = uniform_range(seed, stream, start, count)

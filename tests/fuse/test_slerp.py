@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from merge_cli.engine.method import ChunkPasses
 from merge_cli.errors import RecipeError
-from merge_cli.fuse.registry import ChunkPasses
 from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 
@@ -77,8 +77,8 @@ def test_nuslerp_takes_t_from_the_weights_and_can_interpolate_task_vectors(tmp_p
 
 
 def test_nuslerp_row_wise_interpolates_each_row_or_column():
+    from merge_cli.engine.method import TensorJob
     from merge_cli.fuse import METHODS
-    from merge_cli.fuse.registry import TensorJob
 
     entry = METHODS["nuslerp"]
     v0 = torch.tensor([[1.0, 0.0], [1.0, 1.0]])

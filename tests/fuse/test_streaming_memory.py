@@ -26,8 +26,9 @@ CHUNK_BYTES = 64 * 2**10
 CHILD = r"""
 import json, sys
 from pathlib import Path
-from merge_cli.pipeline import RunOptions, run
-from merge_cli.recipe import recipe_from_dict
+from merge_cli.options import RunOptions
+from merge_cli.pipeline import run
+from merge_cli.config import recipe_from_dict
 
 def rss(field):
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from merge_cli.engine.method import ChunkPasses, TensorJob
 from merge_cli.fuse import METHODS
-from merge_cli.fuse.registry import ChunkPasses, TensorJob
 from tests.fuse.fuse_harness import chunked_equals_whole, merge, random_models
 
 BASE = torch.tensor([1.0, 2.0, -1.0, 0.5])

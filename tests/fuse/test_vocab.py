@@ -124,8 +124,9 @@ def vocab_models(tmp_path_factory, example_models) -> dict[str, Path]:
 
 def _run_union(tmp_path, paths, fuse, chunk_bytes=32 * 2**20, name="out", source="union"):
     """Run ``fuse`` on the model directories ``paths`` with ``tokenizer_source: source``."""
-    from merge_cli.pipeline import RunOptions, run
-    from merge_cli.recipe import recipe_from_dict
+    from merge_cli.config import recipe_from_dict
+    from merge_cli.options import RunOptions
+    from merge_cli.pipeline import run
 
     recipe = recipe_from_dict(
         {
@@ -149,7 +150,7 @@ def _rows(path: Path, tensor: str) -> dict[str, torch.Tensor]:
 
 
 def test_union_vocabulary_order_and_size(vocab_models):
-    from merge_cli.fuse.vocab import read_union_vocabulary
+    from merge_cli.engine.vocab import read_union_vocabulary
     from merge_cli.io import open_checkpoint
 
     checkpoints = {name: open_checkpoint(str(path)) for name, path in vocab_models.items()}
@@ -285,7 +286,7 @@ def test_union_needs_every_tokenizer_json(tmp_path, vocab_models):
 
 
 def test_union_needs_a_per_tensor_method(vocab_models):
-    from merge_cli.recipe import recipe_from_dict
+    from merge_cli.config import recipe_from_dict
 
     raw = {
         "models": {name: str(path) for name, path in vocab_models.items()},

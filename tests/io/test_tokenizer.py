@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from merge_cli.engine.vocab import build_union
 from merge_cli.errors import CheckpointError
-from merge_cli.fuse.vocab import build_union
 from merge_cli.io.tokenizer import (
     PLAIN_ADDED_TOKEN,
     Vocabulary,
