@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -25,13 +25,18 @@ demo: venv
 	$(BIN)/merge-cli inspect examples/merged --limit 8
 	$(BIN)/merge-cli diff examples/models/math examples/merged --limit 8
 
-test: venv
-	$(BIN)/ruff check merge_cli tests scripts recipes
+# The whole suite, after the lint (style, complexity, import layers).
+test: lint
 	$(BIN)/python -m pytest
+
+# For development: the suite without the tests marked slow.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check merge_cli tests scripts recipes
 	$(BIN)/ruff format --check merge_cli tests scripts recipes
+	$(BIN)/lint-imports
 
 bench: venv
 	$(BIN)/python scripts/bench.py --repeat 3

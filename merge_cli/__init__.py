@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from merge_cli.version import __version__
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+__all__ = ["__version__", "load"]
 
 
 def load(path: Any, task: Any = None, device: str = "cpu") -> nn.Module:

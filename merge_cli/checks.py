@@ -24,50 +24,8 @@ def _unknown(kind: str, name: str, available: dict[str, Any]) -> str:
 
 def check_recipe(recipe: Recipe) -> list[str]:
     """Every problem in ``recipe`` that needs more than one key, or a registry, to see."""
-    problems: list[str] = []
-    names = list(recipe.models)
-
-    def need_model(where: str, name: str | None, allow_merged: bool = False) -> None:
-        if name is None or name in names or (allow_merged and name == MERGED):
-            return
-        problems.append(f"{where}: no model named {name!r} in models (have: {', '.join(names)})")
-
-    if recipe.align is not None:
-        if recipe.align.method not in align.ALIGNERS:
-            problems.append(
-                "align.method: " + _unknown("alignment method", recipe.align.method, align.ALIGNERS)
-            )
-        need_model("align.reference", recipe.align.reference)
-        if recipe.align.method in align.ALIGNERS and not problems:
-            problems += check_align(recipe)
-
-    spec = recipe.fuse
-    if spec is not None:
-        method = fuse.METHODS.get(spec.method)
-        if method is None:
-            problems.append("fuse.method: " + _unknown("fuse method", spec.method, fuse.METHODS))
-        need_model("fuse.base", spec.base)
-        for name in spec.models or {}:
-            need_model(f"fuse.models.{name}", name)
-        for i, rule in enumerate(spec.rules):
-            for name in rule.models:
-                need_model(f"fuse.rules[{i}].models.{name}", name)
-        if method is not None:
-            problems += check_fuse_section(recipe, method)
-
-    for i, item in enumerate(recipe.evaluate):
-        if item.metric not in evaluate.METRICS:
-            problems.append(
-                f"evaluate[{i}].metric: " + _unknown("metric", item.metric, evaluate.METRICS)
-            )
-        for name in item.models or []:
-            need_model(f"evaluate[{i}].models", name, allow_merged=True)
-        for name in item.between or []:
-            need_model(f"evaluate[{i}].between", name, allow_merged=True)
-        if item.metric in evaluate.METRICS:
-            problems += check_eval_spec(recipe, i, item, evaluate.METRICS[item.metric])
-
-    if spec is not None and recipe.save is None:
+    problems = _check_align(recipe) + _check_fuse(recipe) + _check_evaluate(recipe)
+    if recipe.fuse is not None and recipe.save is None:
         problems.append("save.path: required to run a fuse stage (or pass --out DIR)")
     if recipe.save is not None and recipe.save.push_to_hub is not None:
         problems.append(
@@ -75,4 +33,62 @@ def check_recipe(recipe: Recipe) -> list[str]:
             "merge-cli; remove the key and upload the output directory with "
             "`hf upload REPO_ID DIR`"
         )
+    return problems
+
+
+def _missing_model(
+    recipe: Recipe, where: str, name: str | None, allow_merged: bool = False
+) -> list[str]:
+    names = list(recipe.models)
+    if name is None or name in names or (allow_merged and name == MERGED):
+        return []
+    return [f"{where}: no model named {name!r} in models (have: {', '.join(names)})"]
+
+
+def _check_align(recipe: Recipe) -> list[str]:
+    if recipe.align is None:
+        return []
+    problems = []
+    if recipe.align.method not in align.ALIGNERS:
+        problems.append(
+            "align.method: " + _unknown("alignment method", recipe.align.method, align.ALIGNERS)
+        )
+    problems += _missing_model(recipe, "align.reference", recipe.align.reference)
+    if not problems:
+        problems += check_align(recipe)
+    return problems
+
+
+def _check_fuse(recipe: Recipe) -> list[str]:
+    spec = recipe.fuse
+    if spec is None:
+        return []
+    problems = []
+    method = fuse.METHODS.get(spec.method)
+    if method is None:
+        problems.append("fuse.method: " + _unknown("fuse method", spec.method, fuse.METHODS))
+    problems += _missing_model(recipe, "fuse.base", spec.base)
+    for name in spec.models or {}:
+        problems += _missing_model(recipe, f"fuse.models.{name}", name)
+    for i, rule in enumerate(spec.rules):
+        for name in rule.models:
+            problems += _missing_model(recipe, f"fuse.rules[{i}].models.{name}", name)
+    if method is not None:
+        problems += check_fuse_section(recipe, method)
+    return problems
+
+
+def _check_evaluate(recipe: Recipe) -> list[str]:
+    problems = []
+    for i, item in enumerate(recipe.evaluate):
+        if item.metric not in evaluate.METRICS:
+            problems.append(
+                f"evaluate[{i}].metric: " + _unknown("metric", item.metric, evaluate.METRICS)
+            )
+        for name in item.models or []:
+            problems += _missing_model(recipe, f"evaluate[{i}].models", name, allow_merged=True)
+        for name in item.between or []:
+            problems += _missing_model(recipe, f"evaluate[{i}].between", name, allow_merged=True)
+        if item.metric in evaluate.METRICS:
+            problems += check_eval_spec(recipe, i, item, evaluate.METRICS[item.metric])
     return problems

@@ -1,7 +1,8 @@
 """``merge_cli.load``: any merge-cli output (or input) as one ``nn.Module``.
 
-An ensemble directory (``ensemble.json``) becomes an :class:`~merge_cli.task.ensemble.Ensemble`;
-any other checkpoint is built by a task's model builder and loaded strictly.
+An ensemble directory (``ensemble.json``) becomes an
+:class:`~merge_cli.task.ensemble.Ensemble`; any other checkpoint is built by a task's model
+builder and loaded strictly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from typing import Any
 from torch import nn
 
 from merge_cli.errors import TaskError
+from merge_cli.io.resolve import open_checkpoint
 from merge_cli.recipe import TaskSpec
+from merge_cli.task import Task
+from merge_cli.task.ensemble import is_ensemble, load_ensemble
 
 
 def as_task_spec(task: TaskSpec | dict[str, Any] | str | None) -> TaskSpec | None:
@@ -34,10 +38,6 @@ def load(
     directory needs none (its members' tasks are recorded in it); a checkpoint directory with
     a config.json defaults to ``"transformers"``.
     """
-    from merge_cli.io.resolve import open_checkpoint
-    from merge_cli.task import Task
-    from merge_cli.task.ensemble import is_ensemble, load_ensemble
-
     spec = as_task_spec(task)
     if is_ensemble(path):
         return load_ensemble(path, spec, device)

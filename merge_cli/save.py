@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from merge_cli import __version__
 from merge_cli.engine.executor import ExecutionOptions, execute
 from merge_cli.engine.method import TensorMethod, copy_first
 from merge_cli.engine.plan import MergePlan, OutputTensor, output_dtype, split_into_shards
@@ -24,6 +23,7 @@ from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.options import RunOptions
 from merge_cli.recipe import Recipe
+from merge_cli.version import __version__
 
 #: File in the output directory holding a whole-model method's report (learned coefficients).
 REPORT_FILE = "merge_report.json"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from merge_cli.align import ALIGNERS
 from merge_cli.recipe import Recipe
 
 SPEC_NAMES = ("auto", "mlp", "cnn", "resnet", "llama")
@@ -24,8 +25,6 @@ def reference_name(recipe: Recipe) -> str:
 
 def check_align(recipe: Recipe) -> list[str]:
     """Parameters, data needs, the spec name and ZipIt!'s fuse constraint."""
-    from merge_cli.align import ALIGNERS
-
     spec = recipe.align
     assert spec is not None and spec.method in ALIGNERS
     aligner = ALIGNERS[spec.method]

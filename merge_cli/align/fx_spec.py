@@ -93,7 +93,7 @@ def _union(a: _Units, b: _Units) -> _Units:
     return a
 
 
-def derive_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+def derive_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:  # noqa: C901
     """The permutation spec of ``model``'s graph (see the module docstring)."""
     try:
         graph = fx.symbolic_trace(model)

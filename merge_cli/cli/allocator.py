@@ -11,12 +11,11 @@ def tune_allocator() -> None:
 
     The executor allocates and frees same-sized chunk buffers for every tensor. By default
     glibc returns allocations above 32 MB to the OS and maps them afresh each time, so every
-    chunk pays for page faults on new memory (measured: 2.7x slower merging). Raising the
+    chunk pays for page faults on new memory. Raising the
     mmap and trim thresholds lets freed chunks be reused; the peak resident set stays bounded
     by the chunks in flight. One arena for every thread: the reader allocates the chunks and
     the main thread frees them, and a thread's own arena (a few 64 MB heaps) gave its memory
-    back and faulted it in again (a 3 x 6 GB linear merge: 729,000 page faults in the reader
-    instead of 25,000, and 10% more time).
+    back and faulted it in again. The measurements: docs/performance-notes.md.
     """
     if platform.system() != "Linux":
         return

@@ -15,7 +15,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Column, Table
 
-from merge_cli import __version__
 from merge_cli.cli.allocator import tune_allocator
 from merge_cli.cli.render import (
     RichProgress,
@@ -26,6 +25,7 @@ from merge_cli.cli.render import (
     print_json,
 )
 from merge_cli.errors import MergeCliError, RecipeError
+from merge_cli.version import __version__
 
 app = typer.Typer(
     name="merge-cli",
@@ -70,7 +70,7 @@ def run(
 
     # What is imported by now (torch, pydantic, ...) lives as long as the process: kept out
     # of the garbage collector's full passes, which otherwise traverse it again and again
-    # while a merge allocates (7% of a linear merge's time).
+    # while a merge allocates (docs/performance-notes.md).
     gc.freeze()
 
     def action() -> Any:

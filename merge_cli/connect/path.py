@@ -14,7 +14,6 @@ path; integer tensors are taken from ``w0``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,7 +23,6 @@ from merge_cli.io.checkpoint import TensorInfo
 from merge_cli.io.dtypes import is_float
 from merge_cli.io.writer import safetensors_header, tensor_bytes
 
-CurveKind = Literal["bezier", "polychain"]
 CURVE_KINDS: tuple[str, ...] = ("bezier", "polychain")
 
 

@@ -59,12 +59,10 @@ def compute_threads(requested: int | None) -> int:
     MAX_DEFAULT_THREADS.
 
     Reading the next chunk keeps one core busy copying from the page cache. Giving torch
-    every core as well makes its worker threads wait on each other at every operation:
-    on two cores a linear merge took 40% longer, with twice the CPU time. More than a few
-    threads do not pay either: each operation works on one cache-sized block, and the main
-    and statistics threads each start a team of torch's threads for it. On 16 cores
-    (TinyLlama-shaped inputs, 8 layers), dare_ties took 14.1 s on 1 thread, 8.4 s on 4 and
-    15.5 s on 15; ties 20.6, 12.7 and 15.5 s; linear 4.7, 5.0 and 5.4 s.
+    every core as well makes its worker threads wait on each other at every operation. More
+    than a few threads do not pay either: each operation works on one cache-sized block,
+    and the main and statistics threads each start a team of torch's threads for it. The
+    measurements: docs/performance-notes.md.
     """
     if requested is not None:
         return requested
@@ -315,7 +313,7 @@ class _StatisticsAhead:
     While a tensor merges, the statistics of the next one and of those after it whose
     inputs, all together, take at most KEPT_CHUNK_BUDGETS chunk budgets are under way, so
     what they keep never exceeds what one more large tensor would (a layer's small
-    attention matrices then no longer hold back its MLP's statistics: 5% faster).
+    attention matrices then no longer hold back its MLP's statistics).
     """
 
     def __init__(self, run: _Run, units: list[_Unit], pool: ThreadPoolExecutor):
@@ -502,7 +500,7 @@ def compute_blocks(
 
     A chunk is read whole but computed block by block, so that its float32 copies and a
     method's temporaries stay in the CPU's cache instead of streaming through memory for
-    every operation (measured: TIES 1.3x, task arithmetic and model stock 2x faster). Results
+    every operation (docs/performance-notes.md). Results
     do not change: a method gives the same rows whatever range it is handed. Off the CPU a
     chunk is one block (a GPU wants large kernels).
     """

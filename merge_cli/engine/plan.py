@@ -16,7 +16,7 @@ from merge_cli.engine.method import TensorMethod
 from merge_cli.engine.vocab import is_vocab_tensor
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
-from merge_cli.io.dtypes import is_float
+from merge_cli.io.dtypes import RECIPE_DTYPES, is_float
 
 #: Names a tensor source: (model name, tensor name).
 Source = tuple[str, str]
@@ -77,8 +77,6 @@ class MergePlan:
 
 def output_dtype(source: torch.dtype, save_dtype: str) -> torch.dtype:
     """Output dtype of a tensor: integer/bool tensors are never cast."""
-    from merge_cli.io.dtypes import RECIPE_DTYPES
-
     if save_dtype == "keep" or not is_float(source):
         return source
     return RECIPE_DTYPES[save_dtype]

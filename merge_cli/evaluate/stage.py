@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from merge_cli import __version__
 from merge_cli.errors import OutputError
 from merge_cli.evaluate import METRICS
 from merge_cli.evaluate.registry import MERGED, EvalContext
@@ -23,6 +22,7 @@ from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import RunOptions
 from merge_cli.recipe import Recipe
 from merge_cli.task.ensemble import is_ensemble
+from merge_cli.version import __version__
 
 REPORT_NAME = "evaluation.json"
 

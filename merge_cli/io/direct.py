@@ -1,12 +1,11 @@
 """An append-only output file that bypasses the page cache where the system allows it.
 
 A merge writes each output byte once and does not read it back, so copying it into the page
-cache first only costs: the copy itself (on the lent VMs, where every newly cached page must
-first be backed by the host, a buffered write ran at 1.5–5 GB/s and took nearly a quarter of a
-model_stock merge's CPU time), and the pages it pushes out — the inputs a merge is still
-reading, when they and the output do not both fit in memory. With ``O_DIRECT`` the device
-reads the bytes straight from one reused, page-aligned buffer (measured with ``dd``: a steady
-1.9 GB/s with 0.2 s of CPU for 2.3 GB, against 0.45–1.6 s of CPU buffered).
+cache first only costs: the copy itself (slow where every newly cached page must first be
+backed by the host, as on virtual machines that hand freed pages back), and the pages it
+pushes out — the inputs a merge is still reading, when they and the output do not both fit
+in memory. With ``O_DIRECT`` the device reads the bytes straight from one reused,
+page-aligned buffer. The measurements: docs/performance-notes.md.
 
 ``O_DIRECT`` needs block-aligned buffers, offsets and lengths: bytes are gathered in the
 buffer and written a whole buffer at a time; the last block is padded with zeros and the

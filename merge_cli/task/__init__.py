@@ -36,7 +36,6 @@ from merge_cli.io.checkpoint import Checkpoint, read_state_dict
 from merge_cli.recipe import TaskSpec
 
 Batch = tuple[Any, torch.Tensor]
-DataFn = Callable[[str], Iterable[Batch]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -23,6 +23,9 @@ from merge_cli.task import Task
 from tests.align.conftest import REPO
 from tests.conftest import single_thread
 
+# make test-fast skips these: the module trains a BatchNorm CNN pair
+pytestmark = pytest.mark.slow
+
 DIGITS = REPO / "recipes" / "tasks" / "digits.py"
 METHODS = ("weight_matching", "activation_matching")
 

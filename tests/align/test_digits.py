@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# make test-fast skips these: the module trains the digits MLPs and CNNs it aligns
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def rows(align_digits, digits_pairs):

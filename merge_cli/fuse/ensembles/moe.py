@@ -44,7 +44,8 @@ from merge_cli.engine.params import count_layers
 from merge_cli.engine.plan import OutputTensor, output_dtype
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo, info_of
-from merge_cli.recipe import Recipe
+from merge_cli.recipe import Recipe, TaskSpec
+from merge_cli.task import Task
 
 ROUTER_SOURCE = "moe_router"
 DENSE_ARCHITECTURES = ("llama", "mistral")
@@ -192,9 +193,6 @@ def hidden_gates(
     average: bool,
 ) -> torch.Tensor:
     """``[layers, experts, hidden]`` router rows from the base model's hidden states."""
-    from merge_cli.recipe import TaskSpec
-    from merge_cli.task import Task
-
     model = Task(TaskSpec(model="transformers")).load_model(base).float()
     vocab = int(config["vocab_size"])
     rows = []
