@@ -135,7 +135,10 @@ def check(recipe: Recipe) -> None:
     checkpoints, _ = prepare_vocabulary(recipe, open_models(recipe))
     if recipe.fuse is not None:
         method = method_of(recipe)
-        if not isinstance(method, ModelMethod):
+        if isinstance(method, ModelMethod):
+            if method.preflight is not None:
+                method.preflight(recipe)
+        else:
             plan_merge(recipe, method, checkpoints)
 
 
@@ -149,6 +152,8 @@ def plan(recipe: Recipe, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, An
         return summary
     method = method_of(recipe)
     if isinstance(method, ModelMethod):
+        if method.preflight is not None:
+            method.preflight(recipe)
         return {**summary, "streaming": False, **plan_whole_model(recipe, method, checkpoints)}
     merge_plan, _ = plan_streaming(recipe, method, checkpoints, union)
     streaming = plan_summary(method, merge_plan, checkpoints, chunk_bytes)

@@ -155,6 +155,29 @@ def test_init_errors(member_files, tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(
+    "params, code, message",
+    [
+        ({"init": "nothing"}, 1, "'nothing' is neither a model"),
+        ({"init_models": ["nobody"]}, 1, "fuse.params.init_models: no model named 'nobody'"),
+        ({"init_params": {"normalize": "maybe"}}, 2, "fuse.params.init: fuse.params.normalize"),
+    ],
+)
+def test_validate_refuses_what_a_run_would_refuse(
+    member_files, tmp_path, monkeypatch, cli, params, code, message
+):
+    """``validate`` reads no tensor data but refuses the init a run would refuse, with the
+    same exit code and message."""
+    monkeypatch.chdir(REPO)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(distill_recipe(member_files, tmp_path / "out", **params)))
+    for command in ("validate", "plan", "run"):
+        got, out, _ = cli(command, str(recipe), "--json")
+        assert got == code, (command, out)
+        assert message in json.loads(out)["error"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_distil_two_causal_lms_into_one(tiny_llamas, tmp_path):
     (tmp_path / "tokens.py").write_text(
         "import torch\n\n"
