@@ -132,7 +132,7 @@ def permute_state(
     spec: RefSpec, statistics: dict[str, list[str]], perms: dict[str, torch.Tensor], state: State
 ) -> State:
     out = dict(state)
-    for key in {k for axes in spec.values() for k, _ in axes}:
+    for key in spec_keys(spec):
         out[key] = permuted(spec, perms, key, state[key])
     for name, keys in statistics.items():
         for key in keys:
@@ -140,10 +140,18 @@ def permute_state(
     return out
 
 
+def spec_keys(spec: RefSpec) -> set[str]:
+    return {k for axes in spec.values() for k, _ in axes}
+
+
 def objective(spec: RefSpec, params_a: State, params_b: State) -> float:
     """The weight-matching objective ``sum <W_a, W_b>`` over the spec's parameters."""
-    keys = {k for axes in spec.values() for k, _ in axes}
-    return sum(float((params_a[k].double() * params_b[k].double()).sum()) for k in keys)
+    return sum(float((params_a[k].double() * params_b[k].double()).sum()) for k in spec_keys(spec))
+
+
+def midpoint_objective(spec: RefSpec, a: State, merged: State) -> float:
+    """The objective of the aligned b inside the midpoint ``merged = (a + b) / 2``."""
+    return objective(spec, a, {k: 2 * merged[k].double() - a[k].double() for k in spec_keys(spec)})
 
 
 def midpoint(a: State, b: State) -> State:
@@ -230,50 +238,42 @@ def one_thread():
         yield
 
 
-def summary_row(label: str, a: State, merged: list[State], spec: RefSpec) -> str:
-    """Mean test accuracy (plain, after BatchNorm reset) and objective of midpoints."""
-    columns = [
-        [accuracy(m) for m in merged],
-        [accuracy(m, reset=True) for m in merged],
-        [objective(spec, a, {k: 2 * m[k] - a[k] for k in m}) for m in merged],
-    ]
-    plain, reset, value = (sum(c) / len(c) for c in columns)
-    return f"| {label} | {plain:.3f} | {reset:.3f} | {value:.2f} |"
+Row = tuple[float, float | None, float | None]
+
+
+def measure(a: State, merged: list[State], spec: RefSpec | None = None) -> Row:
+    """Mean over ``merged`` midpoints of: test accuracy, test accuracy after the BatchNorm
+    reset, and (with ``spec``) the weight-matching objective of the aligned b."""
+    plain = sum(accuracy(m) for m in merged) / len(merged)
+    reset = sum(accuracy(m, reset=True) for m in merged) / len(merged)
+    if spec is None:
+        return plain, reset, None
+    return plain, reset, sum(midpoint_objective(spec, a, m) for m in merged) / len(merged)
+
+
+def table(rows: dict[str, Row]) -> str:
+    lines = ["| midpoint | test acc | after BN reset | objective |", "|---|---:|---:|---:|"]
+    for label, values in rows.items():
+        cells = [f"{v:.3f}" if v is not None else "" for v in values[:2]]
+        cells.append(f"{values[2]:.2f}" if values[2] is not None else "")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     """Trained pair, reference and recipe midpoints; prints the table of the docs."""
     states = train_pair()
-    a = states[0]
+    a, b = states
     spec, statistics = reference_spec(MODELS.build_bn_cnn4())
     directory = tmp_path_factory.mktemp("bn_cnn4")
     files = [directory / f"{name}.safetensors" for name in "ab"]
     for state, file in zip(states, files, strict=True):
         save_file({k: v.contiguous() for k, v in state.items()}, str(file))
-    seed = ORDER_SEEDS[0]
-    reference = midpoint(
-        a,
-        permute_state(
-            spec, statistics, reference_weight_matching(spec, a, states[1], seed), states[1]
-        ),
-    )
-    recipe = run_recipe(files, directory / "merged", repair=False, seed=seed)
-    repaired = run_recipe(files, directory / "repaired", repair=True, seed=seed)
-    rows = {
-        "endpoint a": (accuracy(a), None),
-        "endpoint b": (accuracy(states[1]), None),
-        "naive average": (accuracy(midpoint(*states)), accuracy(midpoint(*states), True)),
-        REFERENCE: (accuracy(reference), accuracy(reference, True)),
-        RECIPE: (accuracy(recipe), accuracy(repaired)),
-    }
-    lines = [
-        "| midpoint | test acc | test acc after BN reset | objective |",
-        "|---|---:|---:|---:|",
-        *(f"| {k} | {p:.3f} | {'' if r is None else f'{r:.3f}'} | |" for k, (p, r) in rows.items()),
-    ]
+    recipe = run_recipe(files, directory / "merged", repair=False, seed=ORDER_SEEDS[0])
+    repaired = run_recipe(files, directory / "repaired", repair=True, seed=ORDER_SEEDS[0])
 
-    # Over several sweep orders: the reference, merge-cli (API, same spec as the recipe), and
+    # Every sweep order: the reference, merge-cli (the recipe's spec, through the API) and
     # merge-cli with the running statistics in its cost (what it computed before the fix)
     auto = derive_spec(MODELS.build_bn_cnn4(), MODELS.image_data("train")[0][0])
     with_statistics = PermutationSpec(
@@ -283,21 +283,29 @@ def results(tmp_path_factory) -> dict:
     )
     orders: dict[str, list[State]] = {"reference": [], "merge-cli": [], "statistics": []}
     for order in ORDER_SEEDS:
-        perms = reference_weight_matching(spec, a, states[1], order)
-        orders["reference"].append(midpoint(a, permute_state(spec, statistics, perms, states[1])))
+        perms = reference_weight_matching(spec, a, b, order)
+        orders["reference"].append(midpoint(a, permute_state(spec, statistics, perms, b)))
         orders["merge-cli"].append(api_midpoint(states, auto, order))
         orders["statistics"].append(api_midpoint(states, with_statistics, order))
-    seeds = f"mean of order seeds {ORDER_SEEDS[0]}-{ORDER_SEEDS[-1]}"
-    lines += [
-        summary_row(f"reference, {seeds}", a, orders["reference"], spec),
-        summary_row(f"merge-cli, {seeds}", a, orders["merge-cli"], spec),
-        summary_row(f"merge-cli, statistics in the cost, {seeds}", a, orders["statistics"], spec),
-    ]
-    print("\n" + "\n".join(lines))
+
+    first = f"order seed {ORDER_SEEDS[0]}"
+    mean = f"mean of order seeds {ORDER_SEEDS[0]}-{ORDER_SEEDS[-1]}"
+    rows = {
+        "endpoint a": (accuracy(a), None, None),
+        "endpoint b": (accuracy(b), None, None),
+        "naive average": measure(a, [midpoint(a, b)]),
+        REFERENCE: measure(a, orders["reference"][:1], spec),
+        RECIPE: (accuracy(recipe), accuracy(repaired), midpoint_objective(spec, a, recipe)),
+        f"merge-cli, statistics in the cost, {first}": measure(a, orders["statistics"][:1], spec),
+        f"reference, {mean}": measure(a, orders["reference"], spec),
+        f"merge-cli, {mean}": measure(a, orders["merge-cli"], spec),
+        f"merge-cli, statistics in the cost, {mean}": measure(a, orders["statistics"], spec),
+    }
+    print("\n" + table(rows))
     return {
-        "states": states,
+        "a": a,
         "spec": spec,
-        "reference": reference,
+        "reference": orders["reference"][0],
         "recipe": recipe,
         "rows": rows,
         "orders": orders,
@@ -312,12 +320,11 @@ def test_endpoints_are_trained(results):
 def test_recipe_finds_the_reference_permutations(results):
     """Same sweep order, same permutations: the fused weights are the reference midpoint's,
     and the weight-matching objective is the reference's."""
-    recipe, reference, spec = results["recipe"], results["reference"], results["spec"]
-    a = results["states"][0]
+    recipe, reference, spec, a = (results[k] for k in ("recipe", "reference", "spec", "a"))
     for name, tensor in reference.items():
         torch.testing.assert_close(recipe[name], tensor, atol=1e-5, rtol=1e-5)
-    ours = objective(spec, a, {k: 2 * recipe[k] - a[k] for k in recipe})
-    assert ours >= objective(spec, a, {k: 2 * reference[k] - a[k] for k in reference}) - 1e-3
+    ours = midpoint_objective(spec, a, recipe)
+    assert ours >= midpoint_objective(spec, a, reference) - 1e-3
 
 
 def test_midpoint_reaches_the_reference_accuracy(results):
