@@ -70,7 +70,7 @@ class AxisRef:
     and variance), not a weight. It is permuted with its units like any other axis, but
     weight matching leaves it out of the similarity it maximises: Git Re-Basin's objective
     (Ainsworth et al. 2023, Sec. 3.2) is the inner product of the *weights*, and its
-    permutation specs list parameters only (BatchNorm scale and bias, not its statistics).
+    permutation specs list parameters only (of a norm layer: its scale and bias).
     """
 
     tensor: str

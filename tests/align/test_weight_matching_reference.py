@@ -7,10 +7,10 @@ from the identity, visiting the permutations in a random order each sweep, until
 improves nothing. :func:`reference_weight_matching` is written from the paper and the
 authors' ``weight_matching.py`` with plain torch and
 :func:`scipy.optimize.linear_sum_assignment`, sharing no code with merge-cli. Its
-permutation spec (:func:`reference_spec`, after their ``vgg16_permutation_spec``) lists
-parameters only: a conv's weight rows and bias, its BatchNorm's scale and bias, and the next
-layer's input axis. The running statistics are no parameters; they are permuted along, but
-never enter the cost.
+permutation spec (:func:`reference_spec`, after their ``vgg16_permutation_spec`` with
+BatchNorm in place of their LayerNorm) lists parameters only: a conv's weight rows and bias,
+its BatchNorm's scale and bias, and the next layer's input axis. The running statistics are
+no parameters; they are permuted along, but never enter the cost.
 
 A BatchNorm CNN pair (four conv blocks 32-32-64-64, trained on digits from seeds 0 and 1)
 is merged by a recipe (``align: weight_matching``, ``fuse: linear`` 0.5/0.5, without and
