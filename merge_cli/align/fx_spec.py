@@ -3,7 +3,8 @@
 The model is traced (:func:`torch.fx.symbolic_trace`) and its shapes propagated on an
 example input. Walking the graph forward, every Linear/Conv output starts a new group of
 units; ops that act on each unit alone (activations, dropout, pooling, BatchNorm/LayerNorm)
-pass the group on, adding their per-unit tensors; a flatten passes it on in blocks of
+pass the group on, adding their per-unit tensors (their buffers as running statistics,
+:attr:`~merge_cli.align.spec.AxisRef.statistic`); a flatten passes it on in blocks of
 ``H*W``; an addition merges the groups of its operands (a residual stream shares one
 permutation). A group that reaches the output, meets an input, or flows into an op this
 module does not understand is left fixed: the derivation is conservative, never wrong in a
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from merge_cli.align.spec import AxisRef, Group, PermutationSpec
+from merge_cli.align.spec import STATISTICS, AxisRef, Group, PermutationSpec
 from merge_cli.errors import PlanError
 
 _PASS_MODULES = (
@@ -136,9 +137,12 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpe
                 isinstance(module, _NORMS) and entry is not None and _norm_fits(module, node, entry)
             ):
                 group = entry[0].root()
-                for tensor_name, _ in [*module.named_parameters(), *module.named_buffers()]:
-                    if tensor_name in ("weight", "bias", "running_mean", "running_var"):
+                for tensor_name, _ in module.named_parameters():
+                    if tensor_name in ("weight", "bias"):
                         group.axes.append(AxisRef(f"{name}.{tensor_name}", 0))
+                for tensor_name, _ in module.named_buffers():
+                    if tensor_name in STATISTICS:
+                        group.axes.append(AxisRef(f"{name}.{tensor_name}", 0, statistic=True))
                 group.sites = [name] if len(group.producers) == 1 else group.sites
                 group.normed = True
                 units[node] = entry
