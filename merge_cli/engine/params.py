@@ -82,6 +82,19 @@ def is_gradient(schema: type[BaseModel], key: str, value: Any) -> bool:
     return isinstance(value, list) and not _accepts_list(schema, key)
 
 
+def is_numeric(schema: type[BaseModel], key: str) -> bool:
+    """Whether ``schema``'s field ``key`` takes one number (so a list there is a gradient)."""
+    annotation = schema.model_fields[key].annotation
+    return annotation in (int, float)
+
+
+def _gradient_value(schema: type[BaseModel], key: str, values: list[Any], position: float) -> Any:
+    """A gradient's value at ``position``; an integer parameter (karcher's ``max_iter``)
+    takes the nearest integer."""
+    value = interpolate([float(v) for v in values], position)
+    return round(value) if schema.model_fields[key].annotation is int else value
+
+
 def validate_values(
     values: dict[str, Any], schemas: list[type[BaseModel]], where: str
 ) -> list[str]:
@@ -97,6 +110,12 @@ def validate_values(
         adapter = _field_adapter(schema, key)
         items = [value]
         if is_gradient(schema, key, value):
+            if not is_numeric(schema, key):
+                problems.append(
+                    f"{where}.{key}: takes one value, not a list (only a numeric parameter "
+                    f"can be a gradient), got {value!r}"
+                )
+                continue
             if not value:
                 problems.append(f"{where}.{key}: a gradient needs at least one value")
                 continue
@@ -148,9 +167,20 @@ def _evaluate(values: dict[str, Any], schema: type[BaseModel], position: float) 
         if key not in schema.model_fields:
             continue
         if is_gradient(schema, key, value):
-            value = interpolate([float(v) for v in value], position)
+            value = _gradient_value(schema, key, value, position)
         resolved[key] = value
     return resolved
+
+
+def plan_params(spec: FuseSpec, method: MethodInfo) -> BaseModel:
+    """The method-level parameters a plan is made with (``plan_tensors``, ``derived_inputs``).
+
+    A gradient takes its first value here: the recipe checks refuse gradients on the
+    parameters of methods that choose their output tensors from them, and every other
+    method resolves its parameters per tensor (:func:`resolve_params`).
+    """
+    values = {k: v for k, v in spec.params.items() if k in method.params.model_fields}
+    return method.params.model_validate(_evaluate(values, method.params, 0.0))
 
 
 def resolve_params(
