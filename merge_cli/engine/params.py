@@ -17,7 +17,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from merge_cli.engine.method import MethodInfo
+from merge_cli.engine.heads import HeadsParams
+from merge_cli.engine.method import MethodInfo, TensorMethod
 from merge_cli.recipe import FuseSpec, Rule
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -130,10 +131,18 @@ def validate_values(
     return problems
 
 
+def stage_params(method: MethodInfo) -> list[type[BaseModel]]:
+    """Parameters the fuse stage takes for ``method`` besides the method's own: ``heads`` for
+    every per-tensor method whose output tensors are the inputs' (not passthrough, MoE)."""
+    if isinstance(method, TensorMethod) and method.plan_tensors is None:
+        return [HeadsParams]
+    return []
+
+
 def check_fuse_params(spec: FuseSpec, method: MethodInfo, where: str = "fuse") -> list[str]:
     """Every parameter problem in a fuse section, for the recipe's error report."""
     both = [method.params, method.model_params]
-    problems = validate_values(spec.params, both, f"{where}.params")
+    problems = validate_values(spec.params, [*both, *stage_params(method)], f"{where}.params")
     for name, values in (spec.models or {}).items():
         problems += validate_values(values, [method.model_params], f"{where}.models.{name}")
     for i, rule in enumerate(spec.rules):

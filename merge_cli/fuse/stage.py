@@ -141,6 +141,7 @@ def plan_merge(
         recipe.save.dtype,
         int(recipe.save.shard_size),
         derived,
+        spec.params.get("heads"),
     )
 
 
