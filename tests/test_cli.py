@@ -181,3 +181,19 @@ def test_cuda_request_without_cuda(cli, tiny_llamas, tmp_path):
         pytest.skip("a CUDA device is present")
     recipe = write_recipe(tmp_path, tiny_llamas)
     assert_failed(cli("run", recipe, "--device", "cuda"), "no CUDA device is available")
+
+
+def test_methods_lists_parameter_choices_and_heads(cli):
+    code, out, _ = cli("methods", "--json")
+    assert code == 0
+    entries = {entry["name"]: entry for entry in json.loads(out)}
+    rescale = next(p for p in entries["dare_ties"]["params"] if p["name"] == "rescale")
+    assert rescale["choices"] == [True, False, "l1"]
+    combine = next(p for p in entries["ensemble"]["params"] if p["name"] == "combine")
+    assert combine["choices"] == ["mean_logits", "mean_probs", "vote", "weighted"]
+    density = next(p for p in entries["ties"]["params"] if p["name"] == "density")
+    assert density["choices"] is None
+    assert any(p["name"] == "heads" for p in entries["task_arithmetic"]["params"])
+    assert not any(p["name"] == "heads" for p in entries["passthrough"]["params"])
+    code, text, _ = cli("methods")
+    assert "one of 'mean_logits', 'mean_probs', 'vote', 'weighted'" in " ".join(text.split())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -240,12 +242,15 @@ def convert(
 @app.command()
 def methods(as_json: JsonOpt = False) -> None:
     """List every fusion method and its parameters."""
+    from merge_cli.engine.params import stage_params
     from merge_cli.fuse import METHODS
 
     entries = []
     for method in METHODS.values():
         params = []
-        for scope, schema in (("method", method.params), ("per model", method.model_params)):
+        schemas = [("method", method.params), ("per model", method.model_params)]
+        schemas += [("method", schema) for schema in stage_params(method)]
+        for scope, schema in schemas:
             for name, field in schema.model_fields.items():
                 default = (
                     None if field.is_required() else field.get_default(call_default_factory=True)
@@ -257,6 +262,7 @@ def methods(as_json: JsonOpt = False) -> None:
                         "type": _type_name(field.annotation),
                         "default": default,
                         "description": field.description or "",
+                        "choices": _choices(field.annotation),
                     }
                 )
         entries.append(
@@ -282,9 +288,11 @@ def methods(as_json: JsonOpt = False) -> None:
         )
         console.print(f"  [dim]{entry['reference']}[/dim]")
         for p in entry["params"]:
+            choices = p.get("choices")
             console.print(
-                f"  • {p['name']} ({p['scope']}, {p['type']}, default {p['default']!r}): "
-                f"{p['description']}",
+                f"  • {p['name']} ({p['scope']}, {p['type']}, default {p['default']!r}"
+                + (f"; one of {', '.join(map(repr, choices))}" if choices else "")
+                + f"): {p['description']}",
                 highlight=False,
             )
 
@@ -308,12 +316,25 @@ def _aligner_entries() -> list[dict[str, Any]]:
                     "type": _type_name(field.annotation),
                     "default": field.get_default(call_default_factory=True),
                     "description": field.description or "",
+                    "choices": _choices(field.annotation),
                 }
                 for name, field in aligner.params.model_fields.items()
             ],
         }
         for aligner in ALIGNERS.values()
     ]
+
+
+def _choices(annotation: Any) -> list[Any] | None:
+    """The values a ``Literal`` parameter takes (``None`` inside ``X | None`` included)."""
+    args = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = list(typing.get_args(annotation))
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if not literals:
+        return None
+    values = [v for a in literals for v in typing.get_args(a)]
+    return values + ([None] if type(None) in args else [])
 
 
 def _type_name(annotation: Any) -> str:
