@@ -111,11 +111,12 @@ def run_evaluation(
     options: RunOptions,
     merged: str | None = None,
     report: Path | None = None,
-) -> tuple[list[dict[str, Any]], Path]:
+) -> tuple[list[dict[str, Any]], Path | None]:
     """``merge-cli eval``: the evaluate stage alone, on existing checkpoints (no fuse).
 
     ``merged`` is the fused model to score as ``merged`` (default: ``save.path`` when it
-    exists). Alignment runs first when the recipe has it, as in a full run."""
+    exists). Alignment runs first when the recipe has it, as in a full run. Returns the rows
+    and the report written (``None`` when there was nowhere to write it)."""
     checkpoints = open_models(recipe)
     if recipe.align is not None:
         checkpoints = align_models(recipe, checkpoints, options)

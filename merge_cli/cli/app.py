@@ -126,7 +126,10 @@ def eval_(
     ] = None,
     report: Annotated[
         Path | None,
-        typer.Option(help="Where to write the JSON report (plots go beside it)."),
+        typer.Option(
+            help="Where to write the JSON report (plots go beside it). Default: beside "
+            "--merged or in save.path when it exists, else no files are written."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
     as_json: JsonOpt = False,
@@ -146,7 +149,7 @@ def eval_(
 
     rows, written = guarded(as_json, action)
     if as_json:
-        print_json({"ok": True, "report": str(written), "evaluation": rows})
+        print_json({"ok": True, "report": str(written) if written else None, "evaluation": rows})
         return
     print_evaluation(rows)
 

@@ -118,6 +118,8 @@ def run_barrier(context: EvalContext, spec: EvalSpec, params: BarrierParams) -> 
     labelled = {
         f"{p} (loss barrier {details[p]['loss_barrier']:.3f})": v for p, v in values.items()
     }
+    if context.report_dir is None:
+        return MetricResult(rows, details)
     plot = plot_paths(
         points,
         labelled,
