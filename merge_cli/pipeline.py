@@ -17,7 +17,7 @@ from typing import Any
 
 from merge_cli.align.stage import align_models, repair_output
 from merge_cli.engine.method import Method, ModelMethod
-from merge_cli.errors import CheckpointError
+from merge_cli.errors import CheckpointError, TaskError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.stage import (
@@ -32,6 +32,7 @@ from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
+from merge_cli.task import task_problems
 
 __all__ = [
     "RunOptions",
@@ -131,9 +132,19 @@ def run_evaluation(
 
 
 def check(recipe: Recipe) -> None:
-    """Every check a run makes before reading tensor data: the inputs' headers, the
+    """Every check a run makes before reading tensor data: the inputs' headers, each model's
+    task (its functions' signatures, its model against the checkpoint's headers), the
     vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
-    checkpoints, _ = prepare_vocabulary(recipe, open_models(recipe))
+    opened = open_models(recipe)
+    problems = []
+    for name, checkpoint in opened.items():
+        spec = recipe.task_for(name)
+        if spec is not None:
+            own = recipe.models[name].task is not None
+            problems += task_problems(spec, checkpoint, f"models.{name}.task" if own else "task")
+    if problems:
+        raise TaskError("\n".join(dict.fromkeys(problems)))
+    checkpoints, _ = prepare_vocabulary(recipe, opened)
     if recipe.fuse is not None:
         method = method_of(recipe)
         if not isinstance(method, ModelMethod):
