@@ -19,7 +19,8 @@ DIGITS = REPO / "recipes" / "tasks" / "digits.py"
 def recipe(tmp_path, digits_task):
     """An eval recipe on one untrained digits MLP (hidden 16), with a task file of ours."""
     model = digits_task.build_mlp(hidden=16, depth=1)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "m.safetensors")
     (tmp_path / "mytask.py").write_text(
         f"import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('d', {str(DIGITS)!r})\n"
