@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_cli.align.stage import align_models, repair_output
+from merge_cli.engine.executor import torch_threads
 from merge_cli.engine.method import Method, ModelMethod
 from merge_cli.errors import CheckpointError, TaskError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
@@ -87,8 +88,13 @@ def method_of(recipe: Recipe) -> Method:
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
-    """Run every stage of ``recipe``."""
+    """Run every stage of ``recipe`` (on ``options.threads`` torch threads when set)."""
     options = options or RunOptions()
+    with torch_threads(options.threads):
+        return _run(recipe, options)
+
+
+def _run(recipe: Recipe, options: RunOptions) -> RunResult:
     started = time.perf_counter()
     checkpoints = open_models(recipe)
     output = None
@@ -118,6 +124,13 @@ def run_evaluation(
     ``merged`` is the fused model to score as ``merged`` (default: ``save.path`` when it
     exists). Alignment runs first when the recipe has it, as in a full run. Returns the rows
     and the report written (``None`` when there was nowhere to write it)."""
+    with torch_threads(options.threads):
+        return _run_evaluation(recipe, options, merged, report)
+
+
+def _run_evaluation(
+    recipe: Recipe, options: RunOptions, merged: str | None, report: Path | None
+) -> tuple[list[dict[str, Any]], Path | None]:
     checkpoints = open_models(recipe)
     if recipe.align is not None:
         checkpoints = align_models(recipe, checkpoints, options)

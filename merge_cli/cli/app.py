@@ -59,7 +59,9 @@ def run(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads for compute (default: all cores but one, at most 4).", min=1
+            help="CPU threads for compute, every stage (default: all cores but one, at most 4, "
+            "for streaming merges; torch's default for whole-model methods).",
+            min=1,
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -132,6 +134,9 @@ def eval_(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's).", min=1)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe's evaluate stage alone, on existing checkpoints (no fuse)."""
@@ -144,7 +149,7 @@ def eval_(
         if not parsed.evaluate:
             raise RecipeError(str(recipe), ["evaluate: the recipe has no evaluate entries"])
         _check_device(device)
-        options = RunOptions(device=device, progress=RichProgress(not as_json))
+        options = RunOptions(device=device, progress=RichProgress(not as_json), threads=threads)
         return run_evaluation(parsed, options, merged, report)
 
     rows, written = guarded(as_json, action)
