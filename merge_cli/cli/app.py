@@ -23,6 +23,7 @@ from merge_cli.cli.render import (
     console,
     guarded,
     human,
+    print_envelope,
     print_evaluation,
     print_json,
 )
@@ -89,9 +90,8 @@ def run(
         )
         return run_pipeline(parsed, options)
 
-    result = guarded(as_json, action)
+    result = guarded(as_json, action, "run")
     payload = {
-        "ok": True,
         "output": str(result.output) if result.output else None,
         "seconds": round(result.seconds, 3),
         "plan": result.plan,
@@ -99,7 +99,7 @@ def run(
         "report": result.report,
     }
     if as_json:
-        print_json(payload)
+        print_envelope("run", payload)
         return
     if result.output:
         console.print(
@@ -152,9 +152,9 @@ def eval_(
         options = RunOptions(device=device, progress=RichProgress(not as_json), threads=threads)
         return run_evaluation(parsed, options, merged, report)
 
-    rows, written = guarded(as_json, action)
+    rows, written = guarded(as_json, action, "eval")
     if as_json:
-        print_json({"ok": True, "report": str(written) if written else None, "evaluation": rows})
+        print_envelope("eval", {"report": str(written) if written else None, "evaluation": rows})
         return
     print_evaluation(rows)
 
@@ -183,9 +183,9 @@ def validate(
         check(parsed)
         return parsed
 
-    parsed = guarded(as_json, action)
+    parsed = guarded(as_json, action, "validate")
     if as_json:
-        print_json({"ok": True, "models": list(parsed.models)})
+        print_envelope("validate", {"models": list(parsed.models)})
     else:
         console.print(f"[green]✓[/green] {recipe} is valid ({len(parsed.models)} models)")
 
@@ -201,9 +201,9 @@ def plan(
     def action() -> Any:
         return plan_run(load_recipe(recipe, set_, out))
 
-    summary = guarded(as_json, action)
+    summary = guarded(as_json, action, "plan")
     if as_json:
-        print_json(summary)
+        print_envelope("plan", summary)
         return
     console.print(f"stages: {' → '.join(summary['stages'])}")
     if "bytes_read" not in summary:
@@ -239,7 +239,7 @@ def convert(
 
     from merge_cli.config import convert_mergekit
 
-    raw = guarded(as_json, lambda: convert_mergekit(config, out))
+    raw = guarded(as_json, lambda: convert_mergekit(config, out), "convert")
     if as_json:
         print_json(raw)
         return
@@ -286,7 +286,7 @@ def methods(as_json: JsonOpt = False) -> None:
         )
     entries += _aligner_entries()
     if as_json:
-        print_json(entries)
+        print_envelope("methods", {"methods": entries})
         return
     for entry in entries:
         console.print(
@@ -362,7 +362,7 @@ def inspect(
     from merge_cli.io.dtypes import dtype_name
     from merge_cli.io.resolve import open_checkpoint
 
-    ckpt = guarded(as_json, lambda: open_checkpoint(checkpoint))
+    ckpt = guarded(as_json, lambda: open_checkpoint(checkpoint), "inspect")
     names = ckpt.tensor_names()
     infos = [ckpt.info(n) for n in names]
     shard_of = (
@@ -377,7 +377,8 @@ def inspect(
         dtypes[dtype_name(info.dtype)] = dtypes.get(dtype_name(info.dtype), 0) + info.numel
     shards = sorted({shard_of(n) for n in names} - {""})
     if as_json:
-        print_json(
+        print_envelope(
+            "inspect",
             {
                 "source": ckpt.source,
                 "tensors": len(names),
@@ -395,7 +396,7 @@ def inspect(
                     }
                     for i in infos
                 ],
-            }
+            },
         )
         return
     console.print(
@@ -433,9 +434,9 @@ def diff(
     def action() -> Any:
         return diff_checkpoints(open_checkpoint(a), open_checkpoint(b), RichProgress(not as_json))
 
-    rows = guarded(as_json, action)
+    rows = guarded(as_json, action, "diff")
     if as_json:
-        print_json([row.as_dict() for row in rows])
+        print_envelope("diff", {"rows": [row.as_dict() for row in rows]})
         return
     table = Table("shape", "cosine", "relative L2", "max |a-b|")
     table.columns.insert(0, Column("tensor", overflow="fold"))
