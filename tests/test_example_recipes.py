@@ -43,7 +43,7 @@ def test_each_example_input_is_built_by_one_script():
     shapes: dict[str, set[str]] = {}
     for recipe in (REPO / "recipes").rglob("*.yaml"):
         text = recipe.read_text()
-        built = re.search(r"Build the inputs first: python (scripts/\S+)", text)
+        built = re.search(r"Build the (?:inputs|members) first: python (\S+)", text)
         raw = yaml.safe_load(text)
         if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
             continue
