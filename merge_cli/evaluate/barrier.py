@@ -121,8 +121,8 @@ def run_barrier(context: EvalContext, spec: EvalSpec, params: BarrierParams) -> 
     if context.report_dir is None:
         return MetricResult(rows, details)
     title = f"{label}{f', {aligned}' if aligned else ''} ({params.split} split)"
-    plots = plot_paths(points, values, title, context.report_dir / f"barrier_{safe}.png")
-    return MetricResult(rows, details, plots)
+    plot = plot_paths(points, values, title, context.report_dir / f"barrier_{safe}.png")
+    return MetricResult(rows, details, [plot])
 
 
 def _alignment(recipe: Recipe, first: str, second: str) -> str | None:

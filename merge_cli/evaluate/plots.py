@@ -78,8 +78,9 @@ def plot_paths(
     paths: dict[str, dict[str, list[float]]],
     title: str,
     target: Path,
-) -> list[Path]:
-    """:func:`path_figure` saved as a PNG at ``target`` and a PDF beside it; the paths."""
+) -> Path:
+    """:func:`path_figure` saved as a PNG at ``target`` and, for papers, as a vector PDF
+    beside it (same name, ``.pdf``); returns the PNG's path (the report's plot)."""
     figure = path_figure(points, paths, title)  # (selects the Agg backend first)
     import matplotlib.pyplot as plt
 
@@ -92,4 +93,4 @@ def plot_paths(
         raise OutputError(f"{target}: cannot write the plot ({error})") from error
     finally:
         plt.close(figure)
-    return written
+    return target

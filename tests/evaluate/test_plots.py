@@ -49,9 +49,9 @@ def test_each_panel_names_its_own_barrier_below_the_axes():
 
 
 def test_plot_paths_writes_a_300_dpi_png_and_a_pdf(tmp_path):
-    png, pdf = plot_paths(POINTS, PATHS, "a ↔ b", tmp_path / "plots" / "barrier_a_b.png")
-    assert pdf == tmp_path / "plots" / "barrier_a_b.pdf"
-    assert pdf.read_bytes()[:5] == b"%PDF-"
+    png = plot_paths(POINTS, PATHS, "a ↔ b", tmp_path / "plots" / "barrier_a_b.png")
+    assert png == tmp_path / "plots" / "barrier_a_b.png"
+    assert (tmp_path / "plots" / "barrier_a_b.pdf").read_bytes()[:5] == b"%PDF-"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     phys = data.index(b"pHYs")
