@@ -65,19 +65,30 @@ class RichProgress:
             errors.print(f"[dim]{text}[/dim]")
 
 
-def fail(error: MergeCliError, as_json: bool) -> None:
+def fail(error: MergeCliError, as_json: bool, command: str | None = None) -> None:
     if as_json:
-        print(json.dumps({"ok": False, "error": str(error), "kind": type(error).__name__}))
+        print(
+            json.dumps(
+                {
+                    "ok": False,
+                    "command": command,
+                    "error": str(error),
+                    "kind": type(error).__name__,
+                }
+            )
+        )
     else:
         errors.print(f"[bold red]error:[/bold red] {error}", highlight=False, markup=True)
     raise typer.Exit(error.exit_code)
 
 
-def guarded(as_json: bool, action: Callable[[], Any]) -> Any:
+def guarded(as_json: bool, action: Callable[[], Any], command: str | None = None) -> Any:
+    """``action()``; a merge-cli error is printed (in the JSON envelope of ``command`` with
+    ``as_json``) and ends the command with the error's exit code."""
     try:
         return action()
     except MergeCliError as error:
-        fail(error, as_json)
+        fail(error, as_json, command)
     except KeyboardInterrupt:
         errors.print("[bold red]interrupted[/bold red]: nothing was written at the output path")
         raise typer.Exit(130) from None
@@ -93,6 +104,12 @@ def human(n: float) -> str:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def print_envelope(command: str, payload: dict[str, Any]) -> None:
+    """A command's ``--json`` output: one object, ``{"ok": true, "command": NAME, ...}``
+    with the command's fields (errors: ``{"ok": false, "command", "error", "kind"}``)."""
+    print_json({"ok": True, "command": command, **payload})
 
 
 def print_evaluation(rows: list[dict[str, Any]]) -> None:

@@ -178,6 +178,14 @@ def distill(
     return student.eval(), history
 
 
+def kept_epoch(history: list[dict[str, float]], keep_best: bool) -> int:
+    """The epoch whose student :func:`distill` returns: the first with the lowest val loss
+    (``keep_best``; 0 is the initial student), else the last."""
+    if not keep_best:
+        return int(history[-1]["epoch"])
+    return int(min(history, key=lambda check: check["val_loss"])["epoch"])
+
+
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
@@ -321,10 +329,17 @@ def fuse_distill(
         causal=task.spec.loss == "causal_lm",
     )
     state = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
+    kept = kept_epoch(history, params.keep_best)
+    if kept == 0:
+        options.progress.note(
+            f"distill: no epoch improved on the initial student's val loss (init: "
+            f"{params.init}); keep_best kept epoch 0, the initial student unchanged"
+        )
     report = {
         "teacher": {"combine": params.combine, "weights": dict(zip(names, weights, strict=True))},
         "init": params.init,
         "history": history,
+        "kept_epoch": kept,
     }
     return ModelFuseResult(InMemoryCheckpoint(state, source="<distilled student>"), report)
 
