@@ -180,7 +180,11 @@ def write_extras(
                 f"{config_source.source}: no config.json to update with {config_updates}"
             )
         config = json.loads((writer.temp / "config.json").read_text())
-        config.update(config_updates)
+        for key, value in config_updates.items():  # None removes a key
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
     if recipe.save.model_card:
         writer.write_text("README.md", model_card(recipe))

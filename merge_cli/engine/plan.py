@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from merge_cli.engine.method import TensorMethod
+from merge_cli.engine.quantize import quantization_updates, quantized_outputs
 from merge_cli.engine.vocab import is_vocab_tensor
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.dtypes import RECIPE_DTYPES, is_float
+from merge_cli.io.quantized import unmergeable
 
 #: Names a tensor source: (model name, tensor name).
 Source = tuple[str, str]
@@ -34,6 +36,14 @@ class OutputTensor:
     base: Source | None = None
     #: Set when the tensor is copied rather than merged (integer tensors, passthrough).
     copy_from: Source | None = None
+    #: Row chunks are whole multiples of this (quantized inputs' or output's scale blocks).
+    row_block: int = 1
+    #: Written as FP8 with these (rows, cols) block scales, in tensor ``scale_name``, which
+    #: follows it in the plan (see :mod:`merge_cli.engine.quantize`).
+    quantize: tuple[int, int] | None = None
+    scale_name: str | None = None
+    #: Set on a scale tensor the executor writes after ``scale_of``'s last chunk.
+    scale_of: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +133,10 @@ def aligned_tensors(
                 ok = False
         if not ok:
             continue
+        refusal = unmergeable(checkpoints[reference], name)
+        if refusal is not None:
+            problems.append(refusal)
+            continue
         dtype = output_dtype(info.dtype, save_dtype)
         if not is_float(info.dtype):
             tensors.append(OutputTensor(name, info.shape, dtype, copy_from=(reference, name)))
@@ -176,8 +190,14 @@ def build_plan(
     save_dtype: str,
     shard_size: int,
     derived: dict[str, Checkpoint] | None = None,
+    quantize: str | None = None,
 ) -> MergePlan:
-    """The whole plan for a streaming method, from checkpoint headers only."""
+    """The whole plan for a streaming method, from checkpoint headers only.
+
+    Quantized inputs (dequantizing views) get chunks aligned to their scale blocks and the
+    output's config.json loses its ``quantization_config``, unless ``quantize`` (the
+    recipe's ``save.quantize``) requantizes the merged weights to the inputs' layout.
+    """
     config_updates: dict[str, Any] = {}
     config_source = base or model_names[0]
     derived = derived or {}
@@ -189,6 +209,9 @@ def build_plan(
         tensors = aligned_tensors(checkpoints, model_names, base, save_dtype)
     if not tensors:
         raise PlanError("the plan has no output tensors")
+    sources = {**checkpoints, **derived}
+    tensors = quantized_outputs(tensors, sources, sources[config_source], quantize)
+    config_updates = {**quantization_updates(sources[config_source], quantize), **config_updates}
     return MergePlan(
         tensors=tensors,
         shards=split_into_shards(tensors, shard_size),

@@ -142,6 +142,7 @@ def plan_merge(
         recipe.save.dtype,
         int(recipe.save.shard_size),
         derived,
+        recipe.save.quantize,
     )
 
 
