@@ -105,6 +105,7 @@ def aligned_tensors(
     """
     reference = base or model_names[0]
     problems: list[str] = []
+    quantized: list[str] = []  # tensors no dequantizing view explains (never copied)
     tensors = []
     everyone = list(dict.fromkeys([*model_names, *([base] if base else [])]))
     for name in checkpoints[reference].tensor_names():
@@ -133,9 +134,11 @@ def aligned_tensors(
                 ok = False
         if not ok:
             continue
-        refusal = unmergeable(checkpoints[reference], name)
-        if refusal is not None:
-            problems.append(refusal)
+        refusals = [
+            unmergeable(checkpoints[m], name) for m in dict.fromkeys([reference, *everyone])
+        ]
+        if any(refusals):
+            quantized.append(next(r for r in refusals if r))
             continue
         dtype = output_dtype(info.dtype, save_dtype)
         if not is_float(info.dtype):
@@ -150,6 +153,10 @@ def aligned_tensors(
                     base=(base, name) if base else None,
                 )
             )
+    if quantized:  # one message: a weight if any (a scale's message is about its weight)
+        quantized.sort(key=lambda message: "quantization scale" in message)
+        more = f" (and {len(quantized) - 1} more quantized tensors or scales)"
+        problems.insert(0, quantized[0] + (more if len(quantized) > 1 else ""))
     if problems:
         raise PlanError(_problem_report(problems))
     return tensors
