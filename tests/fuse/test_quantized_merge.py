@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from merge_cli.config import load_recipe
 from merge_cli.options import RunOptions
 from merge_cli.pipeline import run
-from merge_cli.config import load_recipe
 from tests import quantized_models as qm
 
 
