@@ -215,12 +215,15 @@ def dequantize_fp8(
 ) -> torch.Tensor:
     """FP8 values times their scale: per block (DeepSeek-V3 ``weight_dequant``: each
     ``block`` of the weight times its ``scale_inv``), per output row, or per tensor."""
-    values = data.to(torch.float32)
+    values = data.to(torch.float32)  # a new tensor: scaled in place
     if block is None or scale.dim() == 0:
         return values * (scale.reshape(-1, 1) if scale.dim() >= 1 else scale)
     rows, cols = values.shape
+    if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: scale tile by tile
+        tiles = values.view(rows // block[0], block[0], cols // block[1], block[1])
+        return tiles.mul_(scale[:, None, :, None]).view(rows, cols)
     expanded = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)
-    return values * expanded[:, :cols]
+    return values.mul_(expanded[:, :cols])
 
 
 def quantize_fp8_block(
