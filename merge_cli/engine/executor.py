@@ -108,8 +108,13 @@ class _Unit:
 
 
 def input_bytes(checkpoints: dict[str, Checkpoint], tensor: OutputTensor) -> int:
-    """Bytes of a tensor's inputs as stored (:attr:`OutputTensor.sources`)."""
-    return sum(checkpoints[model].info(name).nbytes for model, name in tensor.sources)
+    """Bytes of a tensor's inputs as stored (:attr:`OutputTensor.sources`; a quantized
+    input's data and scales, not its dequantized size)."""
+    total = 0
+    for model, name in tensor.sources:
+        stored = getattr(checkpoints[model], "stored_bytes", None)
+        total += stored(name) if stored is not None else checkpoints[model].info(name).nbytes
+    return total
 
 
 def keeps_inputs(

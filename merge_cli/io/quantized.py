@@ -170,6 +170,13 @@ class DequantizedCheckpoint:
             return info_of({}, self.source, name)
         return self.checkpoint.info(name)
 
+    def stored_bytes(self, name: str) -> int:
+        """Bytes read for ``name``: a quantized weight's data and scale as stored."""
+        found = self._quantized.get(name)
+        if found is None:
+            return self.info(name).nbytes
+        return self.checkpoint.info(found.data).nbytes + self.checkpoint.info(found.scale).nbytes
+
     def row_block(self, name: str) -> int:
         """Rows that share a scale row: chunks aligned to them read no row twice."""
         found = self._quantized.get(name)

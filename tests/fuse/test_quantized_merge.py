@@ -268,3 +268,76 @@ def test_moe_rule_takes_routed_experts_only_from_the_second_model(cli, tmp_path)
         states[1]["model.layers.0.mlp.gate.weight"]
     )
     _logits(tmp_path / "out")  # loads with no missing or unexpected keys
+
+
+def test_fp8_inputs_are_read_in_block_aligned_chunks(deepseek_pair, tmp_path, monkeypatch):
+    """Streaming: a weight larger than the chunk budget is read (and dequantized) a few
+    whole 128-row blocks at a time, each scale row once, never whole."""
+    from merge_cli.io.checkpoint import SafetensorsCheckpoint
+
+    reads = []
+    original = SafetensorsCheckpoint.read
+
+    def spy(self, name, rows=None):
+        reads.append((name, rows))
+        return original(self, name, rows)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "read", spy)
+    a, b, states = deepseek_pair
+    recipe = load_recipe(write_recipe(tmp_path, a, b))
+    run(recipe, RunOptions(chunk_bytes=200 * 256 * 4))  # 200 float32 rows of 256
+    name = "model.layers.0.mlp.gate_proj.weight"  # 384 x 256: three 128-row chunks
+    chunks = [(0, 128), (128, 256), (256, 384)]
+    assert sorted(rows for n, rows in reads if n == name) == sorted(chunks * 2)  # a and b
+    scale_rows = sorted(rows for n, rows in reads if n == name + "_scale_inv")
+    assert scale_rows == sorted([(0, 1), (1, 2), (2, 3)] * 2)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    expected = qm.linear(states, [0.7, 0.3])
+    torch.testing.assert_close(merged[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_plan_counts_quantized_inputs_as_stored(cli, deepseek_pair, tmp_path):
+    a, b, _ = deepseek_pair
+    code, out, err = cli("plan", write_recipe(tmp_path, a, b), "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    stored = sum(p.stat().st_size for p in (a / "model.safetensors", b / "model.safetensors"))
+    # the files' bytes less their headers: FP8 data and scales, not float32
+    assert 0.95 * stored < plan["bytes_read"] <= stored
+    assert plan["config_updates"] == {"quantization_config": None}
+
+
+def test_fp8_block_output_loads_in_transformers_with_its_quantization_config(
+    deepseek_pair, tmp_path
+):
+    """transformers reads the requantized output as a fine-grained FP8 checkpoint (on CPU it
+    dequantizes on load): no missing or unexpected keys, and the logits of the merge as
+    written (dequantized here, block by block) up to its bf16 compute."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    a, b, _ = deepseek_pair
+    recipe = load_recipe(
+        write_recipe(tmp_path, a, b, save="dtype: bfloat16\n  quantize: fp8_block")
+    )
+    run(recipe)
+    out = tmp_path / "out"
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    model.eval()
+    written = load_file(out / "model.safetensors")
+    state = {
+        n: qm.dequantize_blocks(t, written[n + "_scale_inv"]) if t.dtype.itemsize == 1 else t
+        for n, t in written.items()
+        if not n.endswith("_scale_inv")
+    }
+    reference = _saved_reference(tmp_path, {n: t.float() for n, t in state.items()}, out)
+    config = json.loads((reference / "config.json").read_text())
+    del config["quantization_config"]
+    (reference / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 3, 7, 2]])).logits.float()
+    expected = _logits(reference)
+    torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.02)
+    assert (logits - expected).abs().max() < 0.05 * expected.abs().max()

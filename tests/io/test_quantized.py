@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -128,3 +130,34 @@ def test_unmergeable_without_quantization_config(tmp_path):
     assert "float8_e4m3fn (FP8)" in unmergeable(raw, weight)
     assert "quantization scale of" in unmergeable(raw, weight + "_scale_inv")
     assert unmergeable(raw, "model.layers.0.input_layernorm.weight") is None
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dtype", "scale_shape"),
+    [
+        ("e4m3", torch.float8_e4m3fn, (40, 1)),
+        ("e5m2", torch.float8_e5m2, (40,)),
+        ("e4m3", torch.float8_e4m3fn, ()),
+    ],
+    ids=["per-channel", "per-channel-e5m2", "per-tensor"],
+)
+def test_fp8_without_blocks_scales_per_channel_or_tensor(tmp_path, fmt, dtype, scale_shape):
+    torch.manual_seed(0)
+    data = torch.randn(40, 24).to(dtype)
+    scale = torch.rand(scale_shape) + 0.5
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": data,
+            "model.layers.0.mlp.up_proj.weight_scale_inv": scale,
+        },
+        tmp_path / "model.safetensors",
+    )
+    config = {"quantization_config": {"quant_method": "fp8", "fmt": fmt}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    view = dequantizing(open_checkpoint(str(tmp_path)))
+    expected = data.float() * (scale.reshape(-1, 1) if scale.dim() else scale)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert view.tensor_names() == [name]
+    assert torch.equal(view.read(name), expected)
+    assert torch.equal(view.read(name, (7, 19)), expected[7:19])
+    assert view.stored_bytes(name) == 40 * 24 + scale.numel() * 4
