@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from merge_cli.engine.method import TensorMethod
-from merge_cli.engine.quantize import quantization_updates, quantized_outputs
 from merge_cli.engine.vocab import is_vocab_tensor
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
@@ -197,14 +196,8 @@ def build_plan(
     save_dtype: str,
     shard_size: int,
     derived: dict[str, Checkpoint] | None = None,
-    quantize: str | None = None,
 ) -> MergePlan:
-    """The whole plan for a streaming method, from checkpoint headers only.
-
-    Quantized inputs (dequantizing views) get chunks aligned to their scale blocks and the
-    output's config.json loses its ``quantization_config``, unless ``quantize`` (the
-    recipe's ``save.quantize``) requantizes the merged weights to the inputs' layout.
-    """
+    """The whole plan for a streaming method, from checkpoint headers only."""
     config_updates: dict[str, Any] = {}
     config_source = base or model_names[0]
     derived = derived or {}
@@ -216,9 +209,6 @@ def build_plan(
         tensors = aligned_tensors(checkpoints, model_names, base, save_dtype)
     if not tensors:
         raise PlanError("the plan has no output tensors")
-    sources = {**checkpoints, **derived}
-    tensors = quantized_outputs(tensors, sources, sources[config_source], quantize)
-    config_updates = {**quantization_updates(sources[config_source], quantize), **config_updates}
     return MergePlan(
         tensors=tensors,
         shards=split_into_shards(tensors, shard_size),

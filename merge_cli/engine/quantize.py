@@ -9,9 +9,8 @@ merged chunk (rows aligned to the blocks) and writes the scales, gathered chunk 
 right after the weight. Otherwise the output is plain floating point and its config.json
 loses ``quantization_config``.
 
-Functions here take and return the plan's ``OutputTensor`` records (edited with
-``dataclasses.replace``), so that this module and :mod:`merge_cli.engine.plan` do not import
-each other.
+The fuse stage applies :func:`quantized_plan` to the plan :func:`~merge_cli.engine.plan.
+build_plan` makes from the headers.
 """
 
 from __future__ import annotations
@@ -19,20 +18,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from math import ceil, lcm
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
+from merge_cli.engine.plan import MergePlan, OutputTensor, split_into_shards
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint
-from merge_cli.io.quantized import FP8_FORMATS, DequantizedCheckpoint
+from merge_cli.io.quantized import FP8_FORMATS, DequantizedCheckpoint, Quantized
 
-#: ``save.quantize`` values.
-QUANTIZE_FORMATS = ("fp8_block",)
 #: Scale tensor of an FP8 block-quantized weight (DeepSeek-V3's name).
 SCALE_SUFFIX = "_scale_inv"
-
-T = TypeVar("T")
 
 
 def dequantizing_view(checkpoint: Checkpoint) -> DequantizedCheckpoint | None:
@@ -55,7 +51,7 @@ def quantization_updates(config_source: Checkpoint, quantize: str | None) -> dic
     return {}
 
 
-def _row_block(checkpoints: Mapping[str, Checkpoint], tensor: Any) -> int:
+def _row_block(checkpoints: Mapping[str, Checkpoint], tensor: OutputTensor) -> int:
     block = 1
     for model, name in tensor.sources:
         row_block = getattr(checkpoints[model], "row_block", None)
@@ -64,16 +60,15 @@ def _row_block(checkpoints: Mapping[str, Checkpoint], tensor: Any) -> int:
     return block
 
 
-def quantized_outputs(
-    tensors: list[T],
-    checkpoints: Mapping[str, Checkpoint],
-    config_source: Checkpoint,
-    quantize: str | None,
-) -> list[T]:
-    """``tensors`` with chunk alignment, and with FP8 weights and their scales when
-    ``quantize`` is ``fp8_block``: every tensor the config source stores as block-scaled FP8
-    is written so again, followed by its ``_scale_inv``."""
-    layout = None
+def quantized_plan(
+    plan: MergePlan, checkpoints: Mapping[str, Checkpoint], quantize: str | None, shard_size: int
+) -> MergePlan:
+    """``plan`` with its tensors' chunks aligned to their inputs' scale blocks and, when
+    ``quantize`` is ``fp8_block``, every tensor the config source stores as block-scaled FP8
+    written so again, followed by its ``_scale_inv``; with the config.json changes."""
+    sources = plan.sources(dict(checkpoints))
+    config_source = sources[plan.config_source]
+    layout, fmt = None, "e4m3"
     if quantize is not None:
         view = dequantizing_view(config_source)
         layout = view.block_size if view is not None and view.method == "fp8" else None
@@ -85,32 +80,50 @@ def quantized_outputs(
                 "weight_block_size)"
             )
         fmt = view.quantization.get("fmt", "e4m3")
-    out: list[T] = []
-    for tensor in tensors:
-        block = _row_block(checkpoints, tensor)
-        source = tensor.copy_from or (tensor.inputs[0] if tensor.inputs else None)  # type: ignore[attr-defined]
-        stored = view.quantized(source[1]) if layout and source else None  # type: ignore[union-attr]
+    tensors: list[OutputTensor] = []
+    for tensor in plan.tensors:
+        block = _row_block(sources, tensor)
+        stored = _stored_fp8(sources, tensor) if layout is not None else None
         if stored is None or stored.block is None:
-            out.append(replace(tensor, row_block=block) if block > 1 else tensor)  # type: ignore[type-var]
+            tensors.append(replace(tensor, row_block=block) if block > 1 else tensor)
             continue
-        rows, cols = tensor.shape  # type: ignore[attr-defined]
-        name = tensor.name  # type: ignore[attr-defined]
-        weight = replace(
-            tensor,  # type: ignore[type-var]
-            dtype=FP8_FORMATS[fmt][0],
-            row_block=lcm(block, stored.block[0]),
-            quantize=stored.block,
-            scale_name=name + SCALE_SUFFIX,
-        )
-        scale = replace(
-            tensor,  # type: ignore[type-var]
-            name=name + SCALE_SUFFIX,
-            shape=(ceil(rows / stored.block[0]), ceil(cols / stored.block[1])),
-            dtype=torch.float32,
-            inputs=(),
-            base=None,
-            copy_from=None,
-            scale_of=name,
-        )
-        out += [weight, scale]
-    return out
+        tensors += _fp8_pair(tensor, stored, block, fmt)
+    updates = quantization_updates(config_source, quantize)
+    return replace(
+        plan,
+        tensors=tensors,
+        shards=split_into_shards(tensors, shard_size),
+        config_updates={**updates, **plan.config_updates},
+    )
+
+
+def _stored_fp8(sources: Mapping[str, Checkpoint], tensor: OutputTensor) -> Quantized | None:
+    """How the tensor's first source stores it, when that is FP8 (a view's weight)."""
+    source = tensor.copy_from or (tensor.inputs[0] if tensor.inputs else None)
+    if source is None:
+        return None
+    view = dequantizing_view(sources[source[0]])
+    stored = view.quantized(source[1]) if view is not None else None
+    return stored if stored is not None and stored.kind == "fp8" else None
+
+
+def _fp8_pair(
+    tensor: OutputTensor, stored: Quantized, row_block: int, fmt: str
+) -> list[OutputTensor]:
+    """The FP8 weight (computed in float32, quantized chunk by chunk) and its scales."""
+    assert stored.block is not None
+    rows, cols = tensor.shape
+    weight = replace(
+        tensor,
+        dtype=FP8_FORMATS[fmt][0],
+        row_block=lcm(row_block, stored.block[0]),
+        quantize=stored.block,
+        scale_name=tensor.name + SCALE_SUFFIX,
+    )
+    scale = OutputTensor(
+        tensor.name + SCALE_SUFFIX,
+        (ceil(rows / stored.block[0]), ceil(cols / stored.block[1])),
+        torch.float32,
+        scale_of=tensor.name,
+    )
+    return [weight, scale]

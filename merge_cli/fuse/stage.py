@@ -19,6 +19,7 @@ from merge_cli import save
 from merge_cli.engine.executor import KEPT_CHUNK_BUDGETS, input_bytes, keeps_inputs
 from merge_cli.engine.method import Method, ModelFuseResult, ModelMethod, TensorMethod
 from merge_cli.engine.plan import MergePlan, build_plan
+from merge_cli.engine.quantize import quantized_plan
 from merge_cli.engine.vocab import (
     UnionVocabulary,
     is_vocab_tensor,
@@ -133,7 +134,7 @@ def plan_merge(
         {k: v for k, v in spec.params.items() if k in method.params.model_fields}
     )
     derived = method.derived_inputs(recipe, checkpoints) if method.derived_inputs else None
-    return build_plan(
+    plan = build_plan(
         method,
         params,
         checkpoints,
@@ -142,8 +143,8 @@ def plan_merge(
         recipe.save.dtype,
         int(recipe.save.shard_size),
         derived,
-        recipe.save.quantize,
     )
+    return quantized_plan(plan, checkpoints, recipe.save.quantize, int(recipe.save.shard_size))
 
 
 def plan_summary(
