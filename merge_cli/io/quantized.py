@@ -429,7 +429,7 @@ def _compressed_tensors(
     except ImportError:
         raise CheckpointError(
             f"{where}: a compressed-tensors checkpoint needs the compressed-tensors package "
-            "(pip install 'merge-cli[quantized]')"
+            "(pip install compressed-tensors, or merge-cli's quantized extra)"
         ) from None
     try:
         parsed = QuantizationConfig.model_validate(config)

@@ -4,6 +4,7 @@ compressed-tensors FP8, requantized FP8 output, MoE rules, and the refusals."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -341,3 +342,40 @@ def test_fp8_block_output_loads_in_transformers_with_its_quantization_config(
     expected = _logits(reference)
     torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.02)
     assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_fp8_chimera_rule_takes_only_routed_experts_from_the_second_model(
+    cli, deepseek_pair, tmp_path
+):
+    """DeepSeek-V3 layout, FP8 inputs: routed experts from b; shared experts, routers,
+    attention and everything else exactly a's dequantized weights."""
+    a, b, states = deepseek_pair
+    rules = """  rules:
+    - match: "*.mlp.experts.*"
+      models: {a: {weight: 0.0}, b: {weight: 1.0}}
+"""
+    recipe = write_recipe(tmp_path, a, b, fuse=rules)
+    text = recipe.read_text().replace("{weight: 0.7}", "{weight: 1.0}")
+    recipe.write_text(text.replace("{weight: 0.3}", "{weight: 0.0}"))
+    code, _, err = cli("run", recipe)
+    assert code == 0, err
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    routed = [n for n in merged if ".mlp.experts." in n]
+    assert len(routed) == 4 * 3
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, states[1 if name in routed else 0][name]), name
+    for part in ("mlp.shared_experts.up_proj.weight", "mlp.gate.weight", "self_attn.o_proj.weight"):
+        name = f"model.layers.1.{part}"
+        assert not torch.equal(merged[name], states[1][name])
+    _logits(tmp_path / "out")
+
+
+def test_compressed_tensors_without_the_package_is_refused_with_a_hint(cli, tmp_path, monkeypatch):
+    pytest.importorskip("compressed_tensors")
+    qm.make_qwen3_moe_compressed(tmp_path / "a", 0)
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # import fails
+    monkeypatch.setitem(sys.modules, "compressed_tensors.quantization", None)
+    code, _, err = cli("validate", write_recipe(tmp_path, tmp_path / "a", tmp_path / "a"))
+    assert code == 1
+    err = " ".join(err.split())
+    assert "needs the compressed-tensors package (pip install compressed-tensors" in err
