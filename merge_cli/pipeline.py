@@ -30,6 +30,7 @@ from merge_cli.fuse.stage import (
     prepare_vocabulary,
 )
 from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.quantized import dequantizing
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
@@ -74,9 +75,10 @@ def stage_names(recipe: Recipe) -> list[str]:
 
 
 def open_models(recipe: Recipe, names: list[str] | None = None) -> dict[str, Checkpoint]:
-    """Open (headers only) the recipe's models, or those named."""
+    """Open (headers only) the recipe's models, or those named; quantized ones through a
+    view that dequantizes on read (and refuses, from headers, what it cannot)."""
     return {
-        name: open_checkpoint(recipe.models[name].path)
+        name: dequantizing(open_checkpoint(recipe.models[name].path))
         for name in (names if names is not None else list(recipe.models))
     }
 

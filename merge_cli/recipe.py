@@ -133,6 +133,10 @@ class SaveSpec(Strict):
     )
     model_card: bool = True
     push_to_hub: str | None = None
+    #: Requantize merged weights: ``fp8_block`` writes those the config source stores as
+    #: block-scaled FP8 (DeepSeek-V3 layout) in that layout, with scales and
+    #: quantization_config; unset writes plain floating point (``dtype``).
+    quantize: Literal["fp8_block"] | None = None
 
     @field_validator("shard_size")
     @classmethod

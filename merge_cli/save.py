@@ -18,6 +18,7 @@ import yaml
 from merge_cli.engine.executor import ExecutionOptions, execute
 from merge_cli.engine.method import TensorMethod, copy_first
 from merge_cli.engine.plan import MergePlan, OutputTensor, output_dtype, split_into_shards
+from merge_cli.engine.quantize import quantization_updates
 from merge_cli.errors import OutputError, PlanError
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.writer import ShardedWriter
@@ -138,6 +139,8 @@ def save_checkpoint(
         config_updates=config_updates or {},
     )
     source = config_source or recipe.fuse.base or recipe.fuse.model_names(list(recipe.models))[0]
+    # the result of dequantized inputs is plain floating point: no quantization_config
+    plan.config_updates = {**quantization_updates(checkpoints[source], None), **plan.config_updates}
     return _write_plan(
         recipe,
         plan,
@@ -180,7 +183,11 @@ def write_extras(
                 f"{config_source.source}: no config.json to update with {config_updates}"
             )
         config = json.loads((writer.temp / "config.json").read_text())
-        config.update(config_updates)
+        for key, value in config_updates.items():  # None removes a key
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
     if recipe.save.model_card:
         writer.write_text("README.md", model_card(recipe))

@@ -8,12 +8,17 @@ vocab 32000, GQA with 4 KV heads; the number of layers sets the size), then for 
 * ``merge-cli run`` on a recipe merging three checkpoints,
 
 each with a cold page cache (the inputs' pages evicted with POSIX_FADV_DONTNEED) and a warm
-one. Peak RSS is the merge process's maximum resident set size as GNU ``/usr/bin/time``
-reports it, memory-mapped file pages included.
+one. With ``--fp8`` the checkpoints are DeepSeek-V3-style FP8 instead: every linear projection
+in the layers stored as float8_e4m3fn with one float32 ``weight_scale_inv`` per 128x128
+block and a ``quantization_config`` (embeddings, norms and lm_head stay bf16); merge-cli
+dequantizes them on read and writes bf16, so the output is about twice an input's size. The
+size is then the FP8 checkpoint's. Peak RSS is the merge process's maximum resident set size
+as GNU ``/usr/bin/time`` reports it, memory-mapped file pages included.
 
     python scripts/bench.py                         # 3 GB and 6 GB inputs, linear
     python scripts/bench.py --sizes 1 --methods linear ties dare_ties
     python scripts/bench.py --repeat 3              # medians of 3 runs of each, in turn
+    python scripts/bench.py --fp8 --sizes 1.5 3     # FP8 block-scaled inputs, bf16 output
 
 Peak RSS is the largest over the runs.
 """
@@ -34,9 +39,32 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from merge_cli.io.quantized import quantize_fp8_block
+
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 32, 4
 KV_DIM = HIDDEN // HEADS * KV_HEADS
 SHARD_BYTES = 2 * 10**9
+FP8_BLOCK = (128, 128)
+FP8_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "weight_block_size": list(FP8_BLOCK),
+    "activation_scheme": "dynamic",
+}
+
+
+def is_fp8(name: str, shape: tuple[int, ...]) -> bool:
+    """The tensors DeepSeek-V3 stores as FP8: linear projections inside the layers."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight") and len(shape) == 2
+
+
+def stored_bytes(name: str, shape: tuple[int, ...], fp8: bool) -> int:
+    """Bytes of a tensor as stored: bf16, or FP8 plus its float32 block scales."""
+    numel = torch.Size(shape).numel()
+    if not (fp8 and is_fp8(name, shape)):
+        return numel * 2
+    blocks = -(-shape[0] // FP8_BLOCK[0]) * -(-shape[1] // FP8_BLOCK[1])
+    return numel + 4 * blocks
 
 
 def layer_shapes(layer: int) -> dict[str, tuple[int, ...]]:
@@ -63,14 +91,15 @@ def model_shapes(num_layers: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def layers_for(size_gb: float) -> int:
-    per_layer = sum(torch.Size(s).numel() for s in layer_shapes(0).values()) * 2
+def layers_for(size_gb: float, fp8: bool = False) -> int:
+    per_layer = sum(stored_bytes(n, s, fp8) for n, s in layer_shapes(0).items())
     outer = 2 * VOCAB * HIDDEN * 2
     return max(1, round((size_gb * 1e9 - outer) / per_layer))
 
 
-def generate(directory: Path, num_layers: int, seed: int) -> None:
-    """One synthetic checkpoint; values are slices of a seeded random pool (fast to make)."""
+def generate(directory: Path, num_layers: int, seed: int, fp8: bool = False) -> None:
+    """One synthetic checkpoint; values are slices of a seeded random pool (fast to make).
+    With ``fp8``, the layers' projections are quantized to FP8 with 128x128 block scales."""
     if (directory / "model.safetensors.index.json").exists():
         return
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,7 +113,8 @@ def generate(directory: Path, num_layers: int, seed: int) -> None:
     offset = 0
     for name, shape in shapes.items():
         numel = torch.Size(shape).numel()
-        if size + numel * 2 > SHARD_BYTES and shards[-1]:
+        nbytes = stored_bytes(name, shape, fp8)
+        if size + nbytes > SHARD_BYTES and shards[-1]:
             shards.append({})
             size = 0
         start = offset % (pool.numel() - numel) if numel < pool.numel() else 0
@@ -92,8 +122,12 @@ def generate(directory: Path, num_layers: int, seed: int) -> None:
             tensor = pool[start : start + numel].reshape(shape).clone()
         else:
             tensor = pool.repeat(-(-numel // pool.numel()))[:numel].reshape(shape).clone()
-        shards[-1][name] = tensor
-        size += numel * 2
+        if fp8 and is_fp8(name, shape):
+            data, scale = quantize_fp8_block(tensor.float(), FP8_BLOCK)
+            shards[-1][name], shards[-1][name + "_scale_inv"] = data, scale
+        else:
+            shards[-1][name] = tensor
+        size += nbytes
         offset += 7919 * 131
         if size >= SHARD_BYTES:
             pass
@@ -102,7 +136,7 @@ def generate(directory: Path, num_layers: int, seed: int) -> None:
         file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in shard})
-    total = sum(torch.Size(s).numel() * 2 for s in shapes.values())
+    total = sum(stored_bytes(n, s, fp8) for n, s in shapes.items())
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
@@ -117,6 +151,8 @@ def generate(directory: Path, num_layers: int, seed: int) -> None:
         "vocab_size": VOCAB,
         "torch_dtype": "bfloat16",
     }
+    if fp8:
+        config["quantization_config"] = FP8_CONFIG
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -208,13 +244,19 @@ def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> P
 
 
 def bench_size(
-    size_gb: float, methods: list[str], root: Path, keep: bool, device: str, repeat: int
+    size_gb: float,
+    methods: list[str],
+    root: Path,
+    keep: bool,
+    device: str,
+    repeat: int,
+    fp8: bool = False,
 ) -> list[dict]:
-    num_layers = layers_for(size_gb)
-    directory = root / f"llama-{size_gb:g}gb"
+    num_layers = layers_for(size_gb, fp8)
+    directory = root / f"llama-{'fp8-' if fp8 else ''}{size_gb:g}gb"
     models = [directory / name for name in ("a", "b", "c")]
     for seed, model in enumerate(models):
-        generate(model, num_layers, seed)
+        generate(model, num_layers, seed, fp8)
     inputs = sorted(p for m in models for p in m.glob("*.safetensors"))
     input_bytes = sum(p.stat().st_size for p in inputs)
     out = directory / "out"
@@ -233,7 +275,8 @@ def bench_size(
             "--json",
         ]
         for cache in ("cold", "warm"):
-            output_bytes = input_bytes // 3
+            # the bf16 output (an FP8 input's weights take two bytes each once dequantized)
+            output_bytes = sum(torch.Size(s).numel() * 2 for s in model_shapes(num_layers).values())
             baseline_out = directory / "baseline.bin"
             prepare = evict if cache == "cold" else warm
             base_runs, merge_runs, merge_rss = [], [], 0
@@ -262,6 +305,7 @@ def bench_size(
                     "size_gb": round(input_bytes / 3 / 1e9, 2),
                     "layers": num_layers,
                     "method": method,
+                    "inputs": "fp8" if fp8 else "bf16",
                     "cache": cache,
                     "merge_s": round(merge_s, 2),
                     "baseline_s": round(base_s, 2),
@@ -289,21 +333,27 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--device", default="cpu", help="merge-cli's --device (cpu or cuda)")
     parser.add_argument(
+        "--fp8", action="store_true", help="FP8 block-scaled inputs (DeepSeek-V3 layout)"
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="runs of each, in turn (medians reported)"
     )
     args = parser.parse_args()
     rows = []
     for size in args.sizes:
-        rows += bench_size(size, args.methods, args.root, args.keep, args.device, args.repeat)
+        rows += bench_size(
+            size, args.methods, args.root, args.keep, args.device, args.repeat, args.fp8
+        )
     print()
     print(
-        "| input size | method | cache | merge-cli | read+write baseline | ratio "
+        "| input size | inputs | method | cache | merge-cli | read+write baseline | ratio "
         "| peak RSS | input GB/s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| 3 × {r['size_gb']} GB | {r['method']} | {r['cache']} | {r['merge_s']} s | "
+            f"| 3 × {r['size_gb']} GB | {r['inputs']} | {r['method']} | {r['cache']} | "
+            f"{r['merge_s']} s | "
             f"{r['baseline_s']} s | {r['ratio']}× | {r['peak_rss_mb']} MB | {r['input_gb_per_s']} |"
         )
 

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from merge_cli.engine.params import TensorParams, count_layers, layer_position, 
 from merge_cli.engine.plan import MergePlan, OutputTensor, Source
 from merge_cli.errors import MergeCliError, PlanError
 from merge_cli.io.checkpoint import Checkpoint, FileRange
+from merge_cli.io.quantized import quantize_fp8_block
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.options import DEFAULT_CHUNK_BYTES
 from merge_cli.progress import NullProgress, Progress
@@ -98,13 +99,18 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62
 
 
-def row_chunks(shape: tuple[int, ...], chunk_bytes: int, chunkable: bool) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` that split a tensor into chunks within the budget."""
+def row_chunks(
+    shape: tuple[int, ...], chunk_bytes: int, chunkable: bool, row_block: int = 1
+) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` that split a tensor into chunks within the budget, each
+    a whole number of ``row_block`` rows (quantization scale blocks; at least one)."""
     if not shape:
         return [(0, 0)]
     rows = shape[0]
     row_bytes = 4 * max(1, int(torch.Size(shape[1:]).numel()))
     per_chunk = rows if not chunkable else max(1, chunk_bytes // row_bytes)
+    if per_chunk < rows:
+        per_chunk = max(row_block, per_chunk // row_block * row_block)
     return [(start, min(rows, start + per_chunk)) for start in range(0, max(rows, 1), per_chunk)]
 
 
@@ -116,8 +122,13 @@ class _Unit:
 
 
 def input_bytes(checkpoints: dict[str, Checkpoint], tensor: OutputTensor) -> int:
-    """Bytes of a tensor's inputs as stored (:attr:`OutputTensor.sources`)."""
-    return sum(checkpoints[model].info(name).nbytes for model, name in tensor.sources)
+    """Bytes of a tensor's inputs as stored (:attr:`OutputTensor.sources`; a quantized
+    input's data and scales, not its dequantized size)."""
+    total = 0
+    for model, name in tensor.sources:
+        stored = getattr(checkpoints[model], "stored_bytes", None)
+        total += stored(name) if stored is not None else checkpoints[model].info(name).nbytes
+    return total
 
 
 def keeps_inputs(
@@ -127,7 +138,7 @@ def keeps_inputs(
     return (
         method.statistics is not None
         and tensor.copy_from is None
-        and len(row_chunks(tensor.shape, chunk_bytes, method.chunkable)) > 1
+        and len(row_chunks(tensor.shape, chunk_bytes, method.chunkable, tensor.row_block)) > 1
         and input_bytes(checkpoints, tensor) <= KEPT_CHUNK_BUDGETS * chunk_bytes
     )
 
@@ -186,6 +197,7 @@ def execute(
             ),
         )
         ahead = _StatisticsAhead(run, units, statistician)
+        quantizer = _Quantizer(plan, output)
         params: TensorParams | None = None  # the current tensor's, resolved at its first unit
         for index, (unit, raw) in enumerate(
             _prefetched(units, checkpoints, reader, options.prefetch, skip=run.kept)
@@ -208,7 +220,10 @@ def execute(
                 raise
             except (ValueError, RuntimeError) as error:
                 raise PlanError(f"fuse ({method.name}): tensor {tensor.name!r}: {error}") from error
-            output.write(tensor.name, result)
+            if tensor.quantize is not None:
+                quantizer.write(unit, result)
+            else:
+                output.write(tensor.name, result)
     progress.finish()
 
 
@@ -282,7 +297,9 @@ class _Run:
         the files again (a TinyLlama MLP matrix of three bf16 models is 69 MB).
         """
         assert self.method.statistics is not None
-        rows = row_chunks(tensor.shape, self.options.chunk_bytes, self.method.chunkable)
+        rows = row_chunks(
+            tensor.shape, self.options.chunk_bytes, self.method.chunkable, tensor.row_block
+        )
         units = [_Unit(tensor, chunk, False) for chunk in rows]
         keep = tensor.name in self.kept_tensors
         kept: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -381,6 +398,27 @@ class _StatisticsAhead:
         return future.result()
 
 
+class _Quantizer:
+    """Writes the chunks of tensors the plan stores as block-scaled FP8: each chunk (rows
+    aligned to the blocks) quantized, and after the last one the tensor's scales."""
+
+    def __init__(self, plan: MergePlan, output: _BackgroundWriter):
+        self.output = output
+        self.stored = {t.name: t for t in plan.tensors if t.quantize is not None}
+        self.scales: list[torch.Tensor] = []
+
+    def write(self, unit: _Unit, result: torch.Tensor) -> None:
+        stored = self.stored[unit.tensor.name]
+        assert stored.quantize is not None and stored.scale_name is not None
+        fmt = "e5m2" if stored.dtype == torch.float8_e5m2 else "e4m3"
+        data, scale = quantize_fp8_block(result.to(torch.float32), stored.quantize, fmt)
+        self.output.write(stored.name, data)
+        self.scales.append(scale)
+        if unit.rows[1] >= stored.shape[0]:  # the tensor's last chunk
+            self.output.write(stored.scale_name, torch.cat(self.scales))
+            self.scales = []
+
+
 class _BackgroundWriter:
     """Writes merged chunks in order on a thread of its own, at most WRITE_QUEUE behind.
 
@@ -434,10 +472,19 @@ class _BackgroundWriter:
 
 
 def _units(plan: MergePlan, method: TensorMethod, options: ExecutionOptions) -> list[_Unit]:
+    """The plan's tensors in row chunks. A tensor written quantized is computed in float32
+    (and quantized by :class:`_Quantizer`); its scale tensor is no unit of its own."""
     units = []
     for tensor in plan.tensors:
+        if tensor.scale_of is not None:
+            continue
+        if tensor.quantize is not None:
+            tensor = replace(tensor, dtype=torch.float32)
         chunks = row_chunks(
-            tensor.shape, options.chunk_bytes, method.chunkable or tensor.copy_from is not None
+            tensor.shape,
+            options.chunk_bytes,
+            method.chunkable or tensor.copy_from is not None,
+            tensor.row_block,
         )
         whole = len(chunks) == 1
         units += [_Unit(tensor, rows, whole) for rows in chunks]

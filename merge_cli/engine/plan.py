@@ -18,6 +18,7 @@ from merge_cli.engine.vocab import is_vocab_tensor
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.dtypes import RECIPE_DTYPES, is_float
+from merge_cli.io.quantized import unmergeable
 
 #: Names a tensor source: (model name, tensor name).
 Source = tuple[str, str]
@@ -35,6 +36,14 @@ class OutputTensor:
     base: Source | None = None
     #: Set when the tensor is copied rather than merged (integer tensors, passthrough).
     copy_from: Source | None = None
+    #: Row chunks are whole multiples of this (quantized inputs' or output's scale blocks).
+    row_block: int = 1
+    #: Written as FP8 with these (rows, cols) block scales, in tensor ``scale_name``, which
+    #: follows it in the plan (see :mod:`merge_cli.engine.quantize`).
+    quantize: tuple[int, int] | None = None
+    scale_name: str | None = None
+    #: Set on a scale tensor the executor writes after ``scale_of``'s last chunk.
+    scale_of: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +108,7 @@ def aligned_tensors(
     """
     reference = base or model_names[0]
     problems: list[str] = []
+    quantized: list[str] = []  # tensors no dequantizing view explains (never copied)
     tensors = []
     everyone = list(dict.fromkeys([*model_names, *([base] if base else [])]))
     for name in checkpoints[reference].tensor_names():
@@ -131,6 +141,12 @@ def aligned_tensors(
                 ok = False
         if not ok:
             continue
+        refusals = [
+            unmergeable(checkpoints[m], name) for m in dict.fromkeys([reference, *everyone])
+        ]
+        if any(refusals):
+            quantized.append(next(r for r in refusals if r))
+            continue
         dtype = output_dtype(info.dtype, save_dtype)
         if not is_float(info.dtype):
             tensors.append(OutputTensor(name, info.shape, dtype, copy_from=(reference, name)))
@@ -146,6 +162,10 @@ def aligned_tensors(
             )
     if heads is not None:
         tensors += _head_tensors(checkpoints, model_names, heads, save_dtype)
+    if quantized:  # one message: a weight if any (a scale's message is about its weight)
+        quantized.sort(key=lambda message: "quantization scale" in message)
+        more = f" (and {len(quantized) - 1} more quantized tensors or scales)"
+        problems.insert(0, quantized[0] + (more if len(quantized) > 1 else ""))
     if problems:
         raise PlanError(_problem_report(problems))
     return tensors

@@ -59,6 +59,11 @@ def _whole_model_problems(recipe: Recipe, method: ModelMethod) -> list[str]:
         problems.append(
             f"fuse.rules: {method.name} is a whole-model method; per-tensor rules do not apply"
         )
+    if recipe.save is not None and recipe.save.quantize is not None:
+        problems.append(
+            f"save.quantize: {method.name} is a whole-model method; requantizing needs a "
+            "per-tensor method"
+        )
     values: list[tuple[str, dict[str, Any]]] = [("fuse.params", spec.params)]
     values += [(f"fuse.models.{name}", spec.model_values(name)) for name in spec.models or {}]
     for where, mapping in values:

@@ -20,6 +20,7 @@ from merge_cli.engine.executor import KEPT_CHUNK_BUDGETS, input_bytes, keeps_inp
 from merge_cli.engine.method import Method, ModelFuseResult, ModelMethod, TensorMethod
 from merge_cli.engine.params import plan_params
 from merge_cli.engine.plan import MergePlan, build_plan
+from merge_cli.engine.quantize import quantized_plan
 from merge_cli.engine.vocab import (
     UnionVocabulary,
     is_vocab_tensor,
@@ -132,7 +133,7 @@ def plan_merge(
     model_names = spec.model_names(list(recipe.models))
     params = plan_params(spec, method)
     derived = method.derived_inputs(recipe, checkpoints) if method.derived_inputs else None
-    return build_plan(
+    plan = build_plan(
         method,
         params,
         checkpoints,
@@ -143,6 +144,7 @@ def plan_merge(
         derived,
         spec.params.get("heads"),
     )
+    return quantized_plan(plan, checkpoints, recipe.save.quantize, int(recipe.save.shard_size))
 
 
 def plan_summary(
