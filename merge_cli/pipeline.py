@@ -28,8 +28,8 @@ from merge_cli.fuse.stage import (
     plan_whole_model,
     prepare_vocabulary,
 )
+from merge_cli.io.adapters import open_model
 from merge_cli.io.checkpoint import Checkpoint
-from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
 
@@ -72,9 +72,10 @@ def stage_names(recipe: Recipe) -> list[str]:
 
 
 def open_models(recipe: Recipe, names: list[str] | None = None) -> dict[str, Checkpoint]:
-    """Open (headers only) the recipe's models, or those named."""
+    """Open (headers only) the recipe's models, or those named; a model with a ``lora``
+    adapter is its base seen through the adapter (applied on read)."""
     return {
-        name: open_checkpoint(recipe.models[name].path)
+        name: open_model(recipe.models[name].path, recipe.models[name].lora)
         for name in (names if names is not None else list(recipe.models))
     }
 

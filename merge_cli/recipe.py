@@ -48,9 +48,13 @@ class TaskSpec(Strict):
 
 
 class ModelEntry(Strict):
-    """One input model: where it is and, optionally, its own task."""
+    """One input model: where it is, optionally a LoRA adapter applied to it on read, and
+    optionally its own task."""
 
     path: str
+    lora: str | None = Field(
+        None, description="a PEFT LoRA adapter of `path` (a directory or hf://org/name@rev)"
+    )
     task: TaskSpec | None = None
 
     @model_validator(mode="before")
