@@ -1,0 +1,54 @@
+"""Every recipe under recipes/lora runs end to end on the example base and PEFT adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, _load_script
+
+LORA_RECIPES = sorted((REPO / "recipes" / "lora").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_llamas) -> Path:
+    """The example adapters (scripts/make_example_adapters.py) of the example base."""
+    root = tmp_path_factory.mktemp("example_adapters")
+    script = _load_script("make_example_adapters")
+    for seed, (name, settings) in enumerate(script.ADAPTERS.items(), start=1):
+        script.build_adapter(tiny_llamas["base"], root / name, seed, settings)
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_llamas, adapters, monkeypatch) -> Path:
+    """A directory laid out like the repo after building the example models and adapters."""
+    (tmp_path / "examples" / "models").mkdir(parents=True)
+    for name, path in tiny_llamas.items():
+        (tmp_path / "examples" / "models" / name).symlink_to(path)
+    (tmp_path / "examples" / "adapters").symlink_to(adapters)
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("recipe", LORA_RECIPES, ids=lambda p: p.stem)
+def test_lora_recipe_runs(recipe, workspace, tiny_llamas, cli):
+    from tests.conftest import load_safetensors_dir
+
+    code, out, err = cli("run", recipe, "--out", workspace / "out", "--json")
+    assert code == 0, err
+    assert (workspace / "out" / "config.json").exists()
+    merged = load_safetensors_dir(workspace / "out")
+    base = load_safetensors_dir(tiny_llamas["base"])
+    changed = {n for n in base if not (merged[n].float() == base[n].float()).all()}
+    # q, k, v, o (both adapters) and up (math) of every layer changed; nothing else did.
+    assert {n.split(".")[-2] for n in changed} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+    }
+    assert len(changed) == 5 * 4
