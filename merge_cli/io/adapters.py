@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ import torch
 from merge_cli.errors import CheckpointError
 from merge_cli.io.checkpoint import Checkpoint, SafetensorsCheckpoint, TensorInfo, missing_tensor
 from merge_cli.io.resolve import HUB_PREFIX, download_hub_repo, open_checkpoint
+from merge_cli.io.writer import ShardedWriter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -410,3 +412,65 @@ def open_model(path: str, lora: str | None = None, base_dir: Path | None = None)
     if lora is None:
         return checkpoint
     return AdapterCheckpoint(checkpoint, read_adapter(lora, checkpoint, base_dir))
+
+
+def adapter_tensor_names(module: str, embedding: bool) -> tuple[str, str]:
+    """The names PEFT saves a module's ``A`` and ``B`` under."""
+    if embedding:
+        return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
+    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def lora_config(
+    rank: int,
+    ranks: dict[str, int],
+    modules_to_save: list[str],
+    base_model: str | None,
+    alpha: float | None = None,
+    alphas: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """An ``adapter_config.json`` PEFT's ``LoraConfig`` reads: ``ranks`` (module -> r) become
+    ``target_modules`` (full module names) and the ``rank_pattern`` entries that differ from
+    ``rank``; without ``alpha``, every module's ``lora_alpha`` is its rank (scale 1)."""
+    alphas = alphas if alphas is not None else ({m: float(r) for m, r in ranks.items()})
+    alpha = float(rank) if alpha is None else alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != rank},
+        "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha},
+        "modules_to_save": sorted(modules_to_save) or None,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+
+
+def write_adapter(
+    target: Path,
+    config: dict[str, Any],
+    tensors: list[TensorInfo],
+    produce: Callable[[TensorInfo], Iterable[torch.Tensor]],
+    files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a PEFT adapter directory: ``adapter_model.safetensors`` holding ``tensors`` (the
+    chunks ``produce`` yields for each, in row order), ``adapter_config.json`` and ``files``.
+    Staged and renamed into place like every output: a failure leaves nothing at ``target``."""
+    writer = ShardedWriter(target, [tensors], [ADAPTER_WEIGHTS], overwrite=overwrite)
+    with writer:
+        for info in tensors:
+            for chunk in produce(info):
+                writer.write(info.name, chunk.to(info.dtype).contiguous())
+        writer.write_text(ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            writer.write_text(name, text)
+        return writer.finish()

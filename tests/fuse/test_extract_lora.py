@@ -1,0 +1,138 @@
+"""merge-cli extract-lora: truncated SVD of a fine-tune's task vector as a PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_cli.io.adapters import open_model
+from merge_cli.io.checkpoint import read_state_dict
+from tests.conftest import load_safetensors_dir
+
+PROMPT = torch.tensor([[1, 5, 17, 42, 99, 3, 250, 7]])
+
+
+def causal_lm(path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def with_adapter(base, adapter):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(causal_lm(base), adapter).eval()
+
+
+def test_full_rank_reproduces_the_fine_tune(cli, tiny_llamas, tmp_path):
+    out = tmp_path / "adapter"
+    code, stdout, err = cli(
+        "extract-lora", tiny_llamas["math"], "--base", tiny_llamas["base"],
+        "--rank", 64, "--out", out, "--embeddings", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    reports = {r["name"]: r for r in json.loads(stdout)["tensors"]}
+    assert reports["model.layers.0.mlp.up_proj.weight"]["rank"] == 64  # min(176, 64)
+    assert reports["model.embed_tokens.weight"]["kind"] == "embedding"
+    assert reports["model.norm.weight"]["kind"] == "unchanged"  # 1 + 5e-5 is 1 in bf16
+    assert all(r["energy"] == pytest.approx(1.0) for r in reports.values())
+    # PEFT loads it, and the logits are the fine-tune's.
+    adapted = with_adapter(tiny_llamas["base"], out)
+    with torch.no_grad():
+        expected = causal_lm(tiny_llamas["math"])(PROMPT).logits
+        got = adapted(PROMPT).logits
+        merged = adapted.merge_and_unload()(PROMPT).logits
+    assert (got - expected).abs().max() <= 1e-4
+    assert (merged - expected).abs().max() <= 1e-4
+    assert (expected - causal_lm(tiny_llamas["base"])(PROMPT).logits).abs().max() > 1e-2
+    # transformers generates with it
+    tokens = adapted.generate(PROMPT, max_new_tokens=5, do_sample=False)
+    assert tokens.shape == (1, PROMPT.shape[1] + 5)
+    # merge-cli applies it as a lora: input too
+    fine_tune = load_safetensors_dir(tiny_llamas["math"])
+    applied = read_state_dict(open_model(str(tiny_llamas["base"]), str(out)))
+    assert max((applied[n].float() - fine_tune[n].float()).abs().max() for n in fine_tune) < 1e-5
+
+
+def test_rank_cap_reports_the_error_it_makes(cli, tiny_llamas, tmp_path):
+    out = tmp_path / "adapter"
+    args = ["--base", tiny_llamas["base"], "--rank", 4, "--out", out]
+    code, stdout, err = cli("extract-lora", tiny_llamas["code"], *args, "--json")
+    assert code == 0, err
+    reports = {r["name"]: r for r in json.loads(stdout)["tensors"]}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 4 and config["rank_pattern"] == {}
+    assert "model.embed_tokens" in config["modules_to_save"]  # embeddings kept whole by default
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights["base_model.model.model.embed_tokens.weight"].dtype == torch.bfloat16
+    base, model = (
+        load_safetensors_dir(tiny_llamas["base"]),
+        load_safetensors_dir(tiny_llamas["code"]),
+    )
+    name = "model.layers.1.self_attn.o_proj.weight"
+    prefix = "base_model.model.model.layers.1.self_attn.o_proj"
+    b, a = weights[f"{prefix}.lora_B.weight"], weights[f"{prefix}.lora_A.weight"]
+    assert a.shape == (4, 64) and b.shape == (64, 4)
+    delta = model[name].float() - base[name].float()
+    error = torch.linalg.norm(delta - b @ a) / torch.linalg.norm(delta)
+    assert reports[name]["relative_error"] == pytest.approx(float(error), rel=1e-4)
+    assert 0 < reports[name]["energy"] < 1
+    # the best rank-4 approximation: no other rank-4 matrix is closer (Eckart–Young)
+    s = torch.linalg.svdvals(delta)
+    assert float(error) == pytest.approx(float(s[4:].norm() / s.norm()), rel=1e-4)
+    code, stdout, _ = cli("extract-lora", tiny_llamas["code"], *args)
+    assert code == 1  # the output exists
+    code, stdout, _ = cli("extract-lora", tiny_llamas["code"], *args, "--overwrite")
+    assert code == 0 and "retained energy" in stdout
+
+
+def test_sv_epsilon_finds_the_rank_of_a_low_rank_fine_tune(cli, tiny_llamas, tmp_path):
+    base = load_safetensors_dir(tiny_llamas["base"])
+    generator = torch.Generator().manual_seed(0)
+    tuned = {}
+    for name, tensor in base.items():
+        tensor = tensor.float()
+        if name.endswith("proj.weight"):
+            u = torch.randn(tensor.shape[0], 3, generator=generator)
+            v = torch.randn(3, tensor.shape[1], generator=generator)
+            tensor = tensor + 0.01 * u @ v
+        tuned[name] = tensor
+    (tmp_path / "tuned").mkdir()
+    save_file(tuned, str(tmp_path / "tuned" / "model.safetensors"))
+    out = tmp_path / "adapter"
+    code, stdout, err = cli(
+        "extract-lora", tmp_path / "tuned", "--base", tiny_llamas["base"],
+        "--rank", 16, "--sv-epsilon", 1e-3, "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    reports = [r for r in json.loads(stdout)["tensors"] if r["kind"] == "lora"]
+    assert len(reports) == 4 * 7  # q k v o gate up down of 4 layers
+    assert {r["rank"] for r in reports} == {3}
+    assert min(r["energy"] for r in reports) > 1 - 1e-5
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None  # the base's bf16 weights came back as float32
+    assert set(config["rank_pattern"].values()) == {3}
+
+
+def test_bad_inputs(cli, tiny_llamas, tmp_path):
+    out = tmp_path / "adapter"
+    common = ["--rank", 4, "--out", out]
+    code, _, err = cli("extract-lora", tiny_llamas["base"], "--base", tiny_llamas["base"], *common)
+    assert code == 1 and "every tensor equals the base's" in " ".join(err.split())
+    other = tmp_path / "other"
+    other.mkdir()
+    state = load_safetensors_dir(tiny_llamas["math"])
+    state["lm_head.weight"] = torch.zeros(300, 64)
+    save_file(state, str(other / "model.safetensors"))
+    code, _, err = cli("extract-lora", other, "--base", tiny_llamas["base"], *common)
+    text = " ".join(err.split())
+    assert code == 1 and "tensor 'lm_head.weight' is [300, 64] but [256, 64] in the base" in text
+    code, _, err = cli(
+        "extract-lora", tiny_llamas["math"], "--base", tiny_llamas["base"], *common,
+        "--sv-epsilon", 1.5,
+    )  # fmt: skip
+    assert code == 1 and "--sv-epsilon: must be in [0, 1)" in err
+    assert not out.exists()
