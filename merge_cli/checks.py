@@ -13,6 +13,7 @@ from typing import Any
 from merge_cli import align, evaluate, fuse
 from merge_cli.align.checks import check_align
 from merge_cli.evaluate.registry import MERGED, check_eval_spec
+from merge_cli.fuse.adapters.combine import check_adapter_fuse
 from merge_cli.fuse.checks import check_fuse_section
 from merge_cli.recipe import Recipe
 
@@ -63,6 +64,12 @@ def _check_fuse(recipe: Recipe) -> list[str]:
     spec = recipe.fuse
     if spec is None:
         return []
+    if spec.output == "adapter":
+        return check_adapter_fuse(recipe) + [
+            p
+            for name in spec.models or {}
+            for p in _missing_model(recipe, f"fuse.models.{name}", name)
+        ]
     problems = []
     method = fuse.METHODS.get(spec.method)
     if method is None:

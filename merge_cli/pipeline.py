@@ -20,6 +20,7 @@ from merge_cli.engine.method import Method, ModelMethod
 from merge_cli.errors import CheckpointError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
 from merge_cli.fuse import METHODS
+from merge_cli.fuse.adapters.combine import fuse_adapters, plan_adapter_merge
 from merge_cli.fuse.stage import (
     fuse_models,
     plan_merge,
@@ -62,7 +63,9 @@ def stage_names(recipe: Recipe) -> list[str]:
     stages = ["load"]
     if recipe.align:
         stages.append(f"align ({recipe.align.method})")
-    if recipe.fuse:
+    if recipe.fuse and recipe.fuse.output == "adapter":
+        stages += [f"fuse ({recipe.fuse.method}, adapter space)", "save (adapter)"]
+    elif recipe.fuse:
         stages += [f"fuse ({recipe.fuse.method})", "save"]
         if recipe.align and recipe.align.repair:
             stages.append("repair")
@@ -96,7 +99,9 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
     report: dict[str, Any] = {}
     if recipe.align is not None:
         checkpoints = align_models(recipe, checkpoints, options)
-    if recipe.fuse is not None:
+    if recipe.fuse is not None and recipe.fuse.output == "adapter":
+        output, summary = fuse_adapters(recipe, checkpoints, options)
+    elif recipe.fuse is not None:
         fused = fuse_models(recipe, method_of(recipe), checkpoints, options)
         output, summary, report = fused.output, fused.plan, fused.report
         if recipe.align is not None and recipe.align.repair:
@@ -134,7 +139,9 @@ def check(recipe: Recipe) -> None:
     """Every check a run makes before reading tensor data: the inputs' headers, the
     vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
     checkpoints, _ = prepare_vocabulary(recipe, open_models(recipe))
-    if recipe.fuse is not None:
+    if recipe.fuse is not None and recipe.fuse.output == "adapter":
+        plan_adapter_merge(recipe, checkpoints)
+    elif recipe.fuse is not None:
         method = method_of(recipe)
         if not isinstance(method, ModelMethod):
             plan_merge(recipe, method, checkpoints)
@@ -148,6 +155,8 @@ def plan(recipe: Recipe, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, An
     summary: dict[str, Any] = {"stages": stage_names(recipe)}
     if recipe.fuse is None:
         return summary
+    if recipe.fuse.output == "adapter":
+        return {**summary, "streaming": True, **plan_adapter_merge(recipe, checkpoints).summary()}
     method = method_of(recipe)
     if isinstance(method, ModelMethod):
         return {**summary, "streaming": False, **plan_whole_model(recipe, method, checkpoints)}

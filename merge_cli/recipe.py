@@ -91,6 +91,9 @@ class FuseSpec(Strict):
     #: Models with different vocabularies (added tokens): keep the base's, or merge them into
     #: their union (see fuse/vocab.py).
     tokenizer_source: Literal["base", "union"] | None = None
+    #: What the fuse stage writes: a model (the default), or, when every fused model is a
+    #: LoRA adapter of one base, one adapter combining them (PEFT's combinations).
+    output: Literal["model", "adapter"] = "model"
 
     @field_validator("models", mode="before")
     @classmethod
