@@ -136,3 +136,47 @@ def test_bad_inputs(cli, tiny_llamas, tmp_path):
     )  # fmt: skip
     assert code == 1 and "--sv-epsilon: must be in [0, 1)" in err
     assert not out.exists()
+
+
+def test_changed_biases_become_lora_bias(cli, tmp_path):
+    """An MLP whose biases changed too: every decomposed layer has a bias, so the bias deltas
+    go to PEFT's lora_B.bias and the adapter reproduces the fine-tune through PEFT."""
+    from peft import PeftModel
+
+    def mlp():
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+            torch.nn.Linear(16, 4),
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    base, tuned = mlp(), mlp()
+    with torch.no_grad():
+        for p, q in zip(base.parameters(), tuned.parameters(), strict=True):
+            q.copy_(p + 0.1 * torch.randn(p.shape))
+    for name, model in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(dict(model.state_dict()), str(tmp_path / name / "model.safetensors"))
+    out = tmp_path / "adapter"
+    code, stdout, err = cli(
+        "extract-lora", tmp_path / "tuned", "--base", tmp_path / "base", "--rank", 16,
+        "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    kinds = {r["name"]: r["kind"] for r in json.loads(stdout)["tensors"]}
+    assert kinds == {
+        **{f"{i}.weight": "lora" for i in (0, 2, 4)},
+        **{f"{i}.bias": "lora_bias" for i in (0, 2, 4)},
+    }
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["modules_to_save"] is None
+    x = torch.randn(5, 8)
+    fresh = mlp()
+    fresh.load_state_dict(base.state_dict())
+    adapted = PeftModel.from_pretrained(fresh, out)
+    with torch.no_grad():
+        expected = tuned(x)
+        assert (adapted(x) - expected).abs().max() <= 1e-5
+        assert (adapted.merge_and_unload()(x) - expected).abs().max() <= 1e-5
+    applied = read_state_dict(open_model(str(tmp_path / "base"), str(out)))
+    assert max((applied[n] - t).abs().max() for n, t in tuned.state_dict().items()) <= 1e-5

@@ -11,9 +11,10 @@ loads and merge-cli applies as a ``lora:`` input.
 
 Per matrix the rank is ``rank`` at most, fewer where the matrix is smaller, and, with
 ``sv_epsilon``, only the singular values above ``sv_epsilon · σ_max``. What cannot be written
-as a low-rank pair is saved whole through PEFT's ``modules_to_save``: changed vectors (norms,
-biases), changed embeddings unless ``embeddings`` is set (then they get LoRA embedding pairs
-too, ``lora_embedding_A/B``), and tensors of other ranks. Each matrix is reported with the
+as a low-rank pair is saved whole through PEFT's ``modules_to_save``: changed vectors (norms;
+biases, unless every decomposed layer has one: then they go to PEFT's ``lora_B.bias``),
+changed embeddings unless ``embeddings`` is set (then they get LoRA embedding pairs too,
+``lora_embedding_A/B``), and tensors of other ranks. Each matrix is reported with the
 share of its squared singular values kept (retained energy) and the relative Frobenius error
 ``‖Δ − B·A‖ / ‖Δ‖ = √(1 − energy)``.
 
@@ -66,7 +67,8 @@ class ExtractOptions:
 class TensorReport:
     """How one tensor of the model went into the adapter.
 
-    ``kind``: ``lora`` or ``embedding`` (a low-rank pair), ``modules_to_save`` (kept whole),
+    ``kind``: ``lora`` or ``embedding`` (a low-rank pair), ``lora_bias`` (a decomposed
+    layer's changed bias, as PEFT's ``lora_B.bias``), ``modules_to_save`` (kept whole),
     ``unchanged`` (equal to the base), ``dropped`` (every singular value below the threshold).
     """
 
@@ -135,6 +137,7 @@ def extract_lora(
             whole.add(module_of(name))
         progress.advance(model.info(name).nbytes)
     progress.finish()
+    biases = _lora_biases(model, base, reports, pairs, whole)
     # A module kept whole (a changed bias beside a decomposed weight) takes its weight too.
     for name in [n for n in pairs if pairs[n].module in whole]:
         del pairs[name]
@@ -146,12 +149,14 @@ def extract_lora(
         )
     saved = [n for n in names if module_of(n) in whole and is_float(model.info(n).dtype)]
     factors = _factor_tensors(pairs)
+    factors.update(biases)
     tensors = [TensorInfo(n, tuple(t.shape), torch.float32) for n, t in factors.items()]
     tensors += [
         TensorInfo(PEFT_PREFIX + n, model.info(n).shape, model.info(n).dtype) for n in saved
     ]
     ranks = {pair.module: pair.a.shape[0] for pair in pairs.values()}
     config = lora_config(options.rank, ranks, sorted(whole), base_reference or base.source)
+    config["lora_bias"] = bool(biases)
     files = {
         REPORT_FILE: json.dumps([asdict(r) for r in reports], indent=1) + "\n",
         "README.md": _card(base_reference or base.source, model.source, options),
@@ -164,6 +169,39 @@ def extract_lora(
 
     write_adapter(out, config, tensors, produce, files, options.overwrite)
     return reports
+
+
+def _lora_biases(
+    model: Checkpoint,
+    base: Checkpoint,
+    reports: list[TensorReport],
+    pairs: dict[str, _Pair],
+    whole: set[str],
+) -> dict[str, torch.Tensor]:
+    """Changed biases of decomposed layers as PEFT's ``lora_B.bias`` (``lora_bias``: merged as
+    ``bias + scale·lora_B.bias``, scale 1 here), when every decomposed layer has a bias in
+    the base (PEFT cannot merge ``lora_bias`` into a layer without one). Then those modules
+    are no longer kept whole; otherwise they stay whole (weight and bias)."""
+    modules = {pair.module: pair for pair in pairs.values()}
+    changed = [
+        r for r in reports
+        if r.kind == "modules_to_save" and r.name.endswith(".bias") and module_of(r.name) in modules
+    ]  # fmt: skip
+    base_names = set(base.tensor_names())
+    if not changed or any(f"{m}.bias" not in base_names for m in modules):
+        return {}
+    if any(pair.embedding for pair in modules.values()):
+        return {}
+    biases = {}
+    for module in modules:
+        name = f"{module}.bias"
+        report = next((r for r in reports if r.name == name), None)
+        delta = model.read(name).float() - base.read(name).float()
+        biases[f"{PEFT_PREFIX}{module}.lora_B.bias"] = delta.contiguous()
+        if report is not None and report.kind == "modules_to_save":
+            report.kind = "lora_bias"
+            whole.discard(module)
+    return biases
 
 
 def _check_inputs(model: Checkpoint, base: Checkpoint) -> list[str]:
