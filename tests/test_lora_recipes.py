@@ -39,6 +39,9 @@ def test_lora_recipe_runs(recipe, workspace, tiny_llamas, cli):
 
     code, out, err = cli("run", recipe, "--out", workspace / "out", "--json")
     assert code == 0, err
+    if (workspace / "out" / "adapter_config.json").exists():  # fuse.output: adapter
+        assert_adapter_equals_its_inputs(workspace / "out", tiny_llamas["base"], workspace)
+        return
     assert (workspace / "out" / "config.json").exists()
     merged = load_safetensors_dir(workspace / "out")
     base = load_safetensors_dir(tiny_llamas["base"])
@@ -52,3 +55,19 @@ def test_lora_recipe_runs(recipe, workspace, tiny_llamas, cli):
         "up_proj",
     }
     assert len(changed) == 5 * 4
+
+
+def assert_adapter_equals_its_inputs(out, base, workspace):
+    """adapter_cat.yaml: B·A of the merged adapter is 0.6·math's + 0.4·code's, per module."""
+    from merge_cli.io.adapters import open_model
+    from merge_cli.io.checkpoint import read_state_dict
+    from tests.conftest import load_safetensors_dir
+
+    plain = load_safetensors_dir(base)
+    merged = read_state_dict(open_model(str(base), str(out)))
+    math = read_state_dict(open_model(str(base), str(workspace / "examples/adapters/math")))
+    code = read_state_dict(open_model(str(base), str(workspace / "examples/adapters/code")))
+    for name, tensor in plain.items():
+        expected = tensor.float() + 0.6 * (math[name] - tensor.float())
+        expected += 0.4 * (code[name] - tensor.float())
+        assert (merged[name].float() - expected).abs().max() <= 1e-5, name

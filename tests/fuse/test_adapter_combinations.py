@@ -90,6 +90,7 @@ def test_equals_peft_add_weighted_adapter(tmp_path, adapters, method):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == expected_config.r and config["lora_alpha"] == expected_config.lora_alpha
     assert set(config["target_modules"]) == set(expected_config.target_modules)
+    assert config["use_rslora"] is False  # PEFT would keep the first adapter's (see combine.py)
     # the output loads in PEFT and changes the base's logits
     from peft import PeftModel
 
@@ -187,3 +188,18 @@ def test_plan_validate_and_refusals(tmp_path, adapters, cli):
     with pytest.raises(PlanError, match="has DoRA magnitudes, which PEFT's adapter combinations"):
         run(recipe_for(base, {**paths, "code": dora}, "cat", tmp_path / "out"), RunOptions())
     assert not (tmp_path / "out").exists()
+
+
+def test_cat_applies_the_weighted_sum_even_when_the_first_adapter_uses_rslora(tmp_path, adapters):
+    from merge_cli.io.adapters import open_model
+    from merge_cli.io.checkpoint import read_state_dict
+
+    base, paths = adapters
+    out = tmp_path / "out"
+    run(recipe_for(base, paths, "cat", out, ("code", "math")), RunOptions())  # code: rsLoRA
+    merged = read_state_dict(open_model(str(base), str(out)))
+    plain = read_state_dict(open_model(str(base)))
+    single = {n: read_state_dict(open_model(str(base), str(paths[n]))) for n in ("code", "math")}
+    for name, tensor in plain.items():
+        expected = tensor + sum(WEIGHTS[n] * (single[n][name] - tensor) for n in single)
+        assert (merged[name] - expected).abs().max() <= 1e-5, name

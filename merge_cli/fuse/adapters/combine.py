@@ -21,8 +21,10 @@ Merging: Resolving Interference When Merging Models"), DARE (Yu et al. 2024, "La
 are Super Mario"), magnitude pruning; with ``density`` the kept fraction and
 ``majority_sign_method`` ``total`` or ``frequency``. The output's ``adapter_config.json`` is
 PEFT's: the first adapter's config with ``r = lora_alpha =`` the new rank, the union of the
-target modules and no rank/alpha patterns (so its scale is 1, or ``√r`` when the first adapter
-used rsLoRA, as in PEFT). DARE draws its masks from a generator seeded by ``fuse.seed`` and the
+target modules and no rank/alpha patterns, so its scale is 1. (PEFT also keeps the first
+adapter's ``use_rslora``, which makes its merged adapter's scale ``√r`` instead: the factors
+already carry each adapter's scale, so merge-cli writes ``use_rslora: false``; the tensors are
+PEFT's either way.) DARE draws its masks from a generator seeded by ``fuse.seed`` and the
 module's name (PEFT uses torch's global generator), so a recipe gives the same adapter on
 every run.
 
@@ -375,6 +377,9 @@ def _output_config(inputs: list[_Input], rank: int) -> dict[str, Any]:
     else:
         union = sorted({m for t in targets for m in (t if isinstance(t, list) else [t])})
     config.update(r=rank, lora_alpha=rank, target_modules=union, rank_pattern={}, alpha_pattern={})
+    # PEFT keeps the first adapter's use_rslora, which scales the merged adapter by √r
+    # instead of 1 (its factors already hold each adapter's scale): written off here.
+    config["use_rslora"] = False
     return config
 
 
