@@ -208,3 +208,25 @@ def test_config_refusals(tmp_path, llama, change, message):
     (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(CheckpointError, match=message):
         open_model(str(base), str(adapter))
+
+
+def test_hub_adapter_from_the_local_cache(tmp_path, llama, monkeypatch):
+    """``lora: hf://org/name@rev`` resolves through huggingface_hub's cache (offline here)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    base, adapters = llama
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    revision = "0123456789abcdef" * 2 + "01234567"
+    snapshot = tmp_path / "hub" / "models--org--adapter" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapters["plain"] / name, snapshot / name)
+    checkpoint = open_model(str(base), f"hf://org/adapter@{revision}")
+    local = open_model(str(base), str(adapters["plain"]))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    assert torch.equal(checkpoint.read(name), local.read(name))
+    with pytest.raises(CheckpointError, match="not in the local Hub cache"):
+        open_model(str(base), "hf://org/missing@" + revision)
