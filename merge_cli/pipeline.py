@@ -21,6 +21,7 @@ from merge_cli.errors import CheckpointError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.adapters.combine import fuse_adapters, plan_adapter_merge
+from merge_cli.fuse.adapters.extract import extract_recipe, plan_extraction
 from merge_cli.fuse.stage import (
     fuse_models,
     plan_merge,
@@ -69,6 +70,8 @@ def stage_names(recipe: Recipe) -> list[str]:
         stages += [f"fuse ({recipe.fuse.method})", "save"]
         if recipe.align and recipe.align.repair:
             stages.append("repair")
+    if recipe.extract:
+        stages += ["extract-lora", "save (adapter)"]
     if recipe.evaluate:
         stages.append("evaluate")
     return stages
@@ -99,7 +102,9 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
     report: dict[str, Any] = {}
     if recipe.align is not None:
         checkpoints = align_models(recipe, checkpoints, options)
-    if recipe.fuse is not None and recipe.fuse.output == "adapter":
+    if recipe.extract is not None:
+        output, summary, _ = extract_recipe(recipe, checkpoints, options)
+    elif recipe.fuse is not None and recipe.fuse.output == "adapter":
         output, summary = fuse_adapters(recipe, checkpoints, options)
     elif recipe.fuse is not None:
         fused = fuse_models(recipe, method_of(recipe), checkpoints, options)
@@ -139,6 +144,8 @@ def check(recipe: Recipe) -> None:
     """Every check a run makes before reading tensor data: the inputs' headers, the
     vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
     checkpoints, _ = prepare_vocabulary(recipe, open_models(recipe))
+    if recipe.extract is not None:
+        plan_extraction(recipe, checkpoints)
     if recipe.fuse is not None and recipe.fuse.output == "adapter":
         plan_adapter_merge(recipe, checkpoints)
     elif recipe.fuse is not None:
@@ -153,6 +160,8 @@ def plan(recipe: Recipe, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, An
     models and cache needs (whole-model methods)."""
     checkpoints, union = prepare_vocabulary(recipe, open_models(recipe))
     summary: dict[str, Any] = {"stages": stage_names(recipe)}
+    if recipe.extract is not None:
+        return {**summary, "streaming": True, **plan_extraction(recipe, checkpoints)}
     if recipe.fuse is None:
         return summary
     if recipe.fuse.output == "adapter":

@@ -114,6 +114,19 @@ class FuseSpec(Strict):
         return dict((self.models or {}).get(name) or {})
 
 
+class ExtractSpec(Strict):
+    """``merge-cli extract-lora`` as a recipe section: the LoRA adapter of ``base`` that best
+    approximates ``model`` (truncated SVD of each weight matrix's task vector)."""
+
+    model: str = Field(description="the fine-tuned (or merged) model: a name in models")
+    base: str = Field(description="the base the adapter applies to: a name in models")
+    rank: int = Field(ge=1, description="largest rank per matrix")
+    sv_epsilon: float = Field(
+        0.0, ge=0, lt=1, description="drop singular values below this fraction of the largest"
+    )
+    embeddings: bool = Field(False, description="LoRA pairs for embeddings (else kept whole)")
+
+
 class EvalSpec(Strict):
     metric: str
     models: list[str] | None = None
@@ -156,6 +169,7 @@ class Recipe(Strict):
     task: TaskSpec | None = None
     align: AlignSpec | None = None
     fuse: FuseSpec | None = None
+    extract: ExtractSpec | None = None
     evaluate: list[EvalSpec] = Field(default_factory=list)
     save: SaveSpec | None = None
 
@@ -266,6 +280,7 @@ def _suggest(key: str, candidates: list[str] | None = None) -> str:
 
 def _known_keys() -> list[str]:
     keys: set[str] = set()
-    for model in (Recipe, TaskSpec, ModelEntry, AlignSpec, Rule, FuseSpec, EvalSpec, SaveSpec):
+    models = (Recipe, TaskSpec, ModelEntry, AlignSpec, Rule, FuseSpec, ExtractSpec, EvalSpec)
+    for model in (*models, SaveSpec):
         keys.update(model.model_fields)
     return sorted(keys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,11 @@ def test_lora_recipe_runs(recipe, workspace, tiny_llamas, cli):
 
     code, out, err = cli("run", recipe, "--out", workspace / "out", "--json")
     assert code == 0, err
-    if (workspace / "out" / "adapter_config.json").exists():  # fuse.output: adapter
+    if recipe.stem == "adapter_cat":  # fuse.output: adapter
         assert_adapter_equals_its_inputs(workspace / "out", tiny_llamas["base"], workspace)
+        return
+    if recipe.stem == "extract":
+        assert_extracted(workspace / "out", tiny_llamas, json.loads(out))
         return
     assert (workspace / "out" / "config.json").exists()
     merged = load_safetensors_dir(workspace / "out")
@@ -71,3 +75,31 @@ def assert_adapter_equals_its_inputs(out, base, workspace):
         expected = tensor.float() + 0.6 * (math[name] - tensor.float())
         expected += 0.4 * (code[name] - tensor.float())
         assert (merged[name].float() - expected).abs().max() <= 1e-5, name
+
+
+def assert_extracted(out, tiny_llamas, result):
+    """extract.yaml: rank-8 pairs for every matrix (embeddings too), PEFT's config, and the
+    applied adapter closer to the fine-tune than the base is, by the reported errors."""
+    from merge_cli.io.adapters import open_model
+    from merge_cli.io.checkpoint import read_state_dict
+    from tests.conftest import load_safetensors_dir
+
+    reports = json.loads((out / "extract_report.json").read_text())
+    pairs = [r for r in reports if r["kind"] in ("lora", "embedding")]
+    assert {r["rank"] for r in pairs} == {8} and len(pairs) == 4 * 7 + 2
+    assert result["plan"]["lowest_retained_energy"] == min(r["energy"] for r in pairs)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (
+        config["r"] == config["lora_alpha"] == 8
+        and "model.embed_tokens" in config["target_modules"]
+    )
+    base, math = (
+        load_safetensors_dir(tiny_llamas["base"]),
+        load_safetensors_dir(tiny_llamas["math"]),
+    )
+    applied = read_state_dict(open_model(str(tiny_llamas["base"]), str(out)))
+    for report in pairs:
+        name = report["name"]
+        delta = math[name].float() - base[name].float()
+        error = (applied[name] - math[name].float()).norm() / delta.norm()
+        assert float(error) == pytest.approx(report["relative_error"], rel=1e-3), name

@@ -180,3 +180,35 @@ def test_changed_biases_become_lora_bias(cli, tmp_path):
         assert (adapted.merge_and_unload()(x) - expected).abs().max() <= 1e-5
     applied = read_state_dict(open_model(str(tmp_path / "base"), str(out)))
     assert max((applied[n] - t).abs().max() for n, t in tuned.state_dict().items()) <= 1e-5
+
+
+def test_extract_section_checks_and_plan(cli, tiny_llamas, tmp_path):
+    from merge_cli.config import recipe_from_dict
+    from merge_cli.errors import RecipeError
+    from merge_cli.pipeline import plan
+
+    models = {"base": str(tiny_llamas["base"]), "math": str(tiny_llamas["math"])}
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(
+            {
+                "models": models,
+                "extract": {"model": "maths", "base": "base", "rank": 0},
+                "fuse": {"method": "linear"},
+                "save": {"path": str(tmp_path / "out")},
+            }
+        )
+    assert "extract.rank: Input should be greater than or equal to 1" in str(caught.value)
+    recipe = {"models": models, "extract": {"model": "maths", "base": "base", "rank": 4}}
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict({**recipe, "fuse": {"method": "linear"}})
+    text = str(caught.value)
+    assert "extract.model: no model named 'maths' in models" in text
+    assert "extract: a recipe either fuses (fuse) or extracts an adapter (extract)" in text
+    assert "save.path: required to extract an adapter" in text
+    good = recipe_from_dict(
+        {**recipe, "extract": {"model": "math", "base": "base", "rank": 4}}, out=str(tmp_path / "o")
+    )
+    summary = plan(good)
+    assert summary["stages"] == ["load", "extract-lora", "save (adapter)"]
+    assert summary["matrices"] == 4 * 7 + 2 and "rank ≤ 4" in summary["note"]
+    assert not (tmp_path / "o").exists()

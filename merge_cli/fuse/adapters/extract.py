@@ -35,11 +35,18 @@ from typing import Any
 import torch
 
 from merge_cli.errors import CheckpointError, PlanError
-from merge_cli.io.adapters import PEFT_PREFIX, adapter_tensor_names, lora_config, write_adapter
+from merge_cli.io.adapters import (
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    adapter_tensor_names,
+    lora_config,
+    write_adapter,
+)
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.dtypes import is_float
-from merge_cli.options import DEFAULT_CHUNK_BYTES
+from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.progress import NullProgress, Progress
+from merge_cli.recipe import Recipe
 
 #: Module names (their last component) of embedding layers: PEFT adapts them with
 #: ``lora_embedding_A/B``, whose product is transposed.
@@ -281,3 +288,54 @@ def _card(base: str, model: str, options: ExtractOptions) -> str:
         f"per weight matrix ({json.dumps(settings)}); per-tensor retained energy in "
         f"`{REPORT_FILE}`.\n"
     )
+
+
+# -- the recipe form: an ``extract`` section ------------------------------------------------
+
+
+def plan_extraction(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> dict[str, Any]:
+    """What an ``extract`` section will do, from headers (checks the model fits the base)."""
+    spec = recipe.extract
+    assert spec is not None
+    model, base = checkpoints[spec.model], checkpoints[spec.base]
+    names = _check_inputs(model, base)
+    matrices = [n for n in names if len(model.info(n).shape) == 2 and is_float(model.info(n).dtype)]
+    return {
+        "output": "adapter",
+        "note": f"extract-lora: {spec.model} − {spec.base}, rank ≤ {spec.rank} per matrix "
+        f"({len(matrices)} matrices of {len(names)} tensors; unchanged ones are skipped)",
+        "matrices": len(matrices),
+        "bytes_read": sum(model.info(n).nbytes + base.info(n).nbytes for n in names),
+    }
+
+
+def extract_recipe(
+    recipe: Recipe, checkpoints: dict[str, Checkpoint], options: RunOptions
+) -> tuple[Path, dict[str, Any], list[TensorReport]]:
+    """Run an ``extract`` section into ``save.path``; the output, a summary, the report."""
+    spec = recipe.extract
+    assert spec is not None and recipe.save is not None
+    out = Path(recipe.save.path)
+    extract_options = ExtractOptions(
+        rank=spec.rank,
+        sv_epsilon=spec.sv_epsilon,
+        embeddings=spec.embeddings,
+        device=options.device,
+        overwrite=options.overwrite,
+        chunk_bytes=options.chunk_bytes,
+        progress=options.progress,
+    )
+    model, base = checkpoints[spec.model], checkpoints[spec.base]
+    reports = extract_lora(model, base, out, extract_options, recipe.models[spec.base].path)
+    written = (out / ADAPTER_WEIGHTS).stat().st_size
+    summary = {
+        **plan_extraction(recipe, checkpoints),
+        "tensors": sum(r.kind not in ("unchanged", "dropped") for r in reports),
+        "bytes_written": written,
+        "shards": [{"file": ADAPTER_WEIGHTS, "tensors": len(reports), "bytes": written}],
+        "report_file": str(out / REPORT_FILE),
+        "lowest_retained_energy": min(
+            (r.energy for r in reports if r.kind in ("lora", "embedding")), default=None
+        ),
+    }
+    return out, summary, reports
