@@ -38,6 +38,10 @@ def workspace(tmp_path, tiny_llamas, adapters, monkeypatch) -> Path:
 def test_lora_recipe_runs(recipe, workspace, tiny_llamas, cli):
     from tests.conftest import load_safetensors_dir
 
+    for command in ("validate", "plan"):  # the text output, as a person reads it
+        code, out, err = cli(command, recipe, "--out", workspace / "out")
+        assert code == 0 and ("valid" in out or "stages:" in out), (command, out, err)
+    assert not (workspace / "out").exists()
     code, out, err = cli("run", recipe, "--out", workspace / "out", "--json")
     assert code == 0, err
     if recipe.stem == "adapter_cat":  # fuse.output: adapter

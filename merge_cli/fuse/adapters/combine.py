@@ -438,11 +438,14 @@ def fuse_adapters(
             current.clear()
             index = plan.tensors.index(info) // 2
             a, b = combine_module(plan, plan.modules[index], seed)
+            options.progress.advance(1)
             current[plan.tensors[2 * index].name] = a
             current[plan.tensors[2 * index + 1].name] = b
         return [current[info.name]]
 
-    options.progress.start(f"merging adapters ({plan.combination.name})", len(plan.modules))
+    options.progress.start(
+        f"merging adapters ({plan.combination.name})", len(plan.modules), unit="modules"
+    )
     card = _card(recipe, plan)
     output = write_adapter(
         Path(recipe.save.path), plan.config, plan.tensors, produce, {"README.md": card},

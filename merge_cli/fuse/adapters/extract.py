@@ -305,7 +305,7 @@ def plan_extraction(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> dict[
         "note": f"extract-lora: {spec.model} − {spec.base}, rank ≤ {spec.rank} per matrix "
         f"({len(matrices)} matrices of {len(names)} tensors; unchanged ones are skipped)",
         "matrices": len(matrices),
-        "bytes_read": sum(model.info(n).nbytes + base.info(n).nbytes for n in names),
+        "input_bytes": sum(model.info(n).nbytes + base.info(n).nbytes for n in names),
     }
 
 
@@ -328,8 +328,10 @@ def extract_recipe(
     model, base = checkpoints[spec.model], checkpoints[spec.base]
     reports = extract_lora(model, base, out, extract_options, recipe.models[spec.base].path)
     written = (out / ADAPTER_WEIGHTS).stat().st_size
+    planned = plan_extraction(recipe, checkpoints)
     summary = {
-        **plan_extraction(recipe, checkpoints),
+        **planned,
+        "bytes_read": planned["input_bytes"],
         "tensors": sum(r.kind not in ("unchanged", "dropped") for r in reports),
         "bytes_written": written,
         "shards": [{"file": ADAPTER_WEIGHTS, "tensors": len(reports), "bytes": written}],
