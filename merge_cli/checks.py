@@ -13,6 +13,7 @@ from typing import Any
 from merge_cli import align, evaluate, fuse
 from merge_cli.align.checks import check_align
 from merge_cli.evaluate.registry import MERGED, check_eval_spec
+from merge_cli.fuse.adapters.combine import check_adapter_fuse
 from merge_cli.fuse.checks import check_fuse_section
 from merge_cli.recipe import Recipe
 
@@ -25,6 +26,7 @@ def _unknown(kind: str, name: str, available: dict[str, Any]) -> str:
 def check_recipe(recipe: Recipe) -> list[str]:
     """Every problem in ``recipe`` that needs more than one key, or a registry, to see."""
     problems = _check_align(recipe) + _check_fuse(recipe) + _check_evaluate(recipe)
+    problems += _check_extract(recipe)
     if recipe.fuse is not None and recipe.save is None:
         problems.append("save.path: required to run a fuse stage (or pass --out DIR)")
     if recipe.save is not None and recipe.save.push_to_hub is not None:
@@ -63,6 +65,12 @@ def _check_fuse(recipe: Recipe) -> list[str]:
     spec = recipe.fuse
     if spec is None:
         return []
+    if spec.output == "adapter":
+        return check_adapter_fuse(recipe) + [
+            p
+            for name in spec.models or {}
+            for p in _missing_model(recipe, f"fuse.models.{name}", name)
+        ]
     problems = []
     method = fuse.METHODS.get(spec.method)
     if method is None:
@@ -75,6 +83,24 @@ def _check_fuse(recipe: Recipe) -> list[str]:
             problems += _missing_model(recipe, f"fuse.rules[{i}].models.{name}", name)
     if method is not None:
         problems += check_fuse_section(recipe, method)
+    return problems
+
+
+def _check_extract(recipe: Recipe) -> list[str]:
+    spec = recipe.extract
+    if spec is None:
+        return []
+    problems = _missing_model(recipe, "extract.model", spec.model)
+    problems += _missing_model(recipe, "extract.base", spec.base)
+    if recipe.fuse is not None:
+        problems.append(
+            "extract: a recipe either fuses (fuse) or extracts an adapter (extract), not both; "
+            "extract from the fused output in a second recipe"
+        )
+    if recipe.align is not None or recipe.evaluate:
+        problems.append("extract: align and evaluate are not available with extract")
+    if recipe.save is None:
+        problems.append("save.path: required to extract an adapter (or pass --out DIR)")
     return problems
 
 

@@ -21,6 +21,8 @@ from merge_cli.engine.method import Method, ModelMethod
 from merge_cli.errors import CheckpointError, TaskError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
 from merge_cli.fuse import METHODS
+from merge_cli.fuse.adapters.combine import fuse_adapters, plan_adapter_merge
+from merge_cli.fuse.adapters.extract import extract_recipe, plan_extraction
 from merge_cli.fuse.stage import (
     fuse_models,
     plan_merge,
@@ -29,9 +31,8 @@ from merge_cli.fuse.stage import (
     plan_whole_model,
     prepare_vocabulary,
 )
+from merge_cli.io.adapters import open_model
 from merge_cli.io.checkpoint import Checkpoint
-from merge_cli.io.quantized import dequantizing
-from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
 from merge_cli.task import task_problems
@@ -65,20 +66,25 @@ def stage_names(recipe: Recipe) -> list[str]:
     stages = ["load"]
     if recipe.align:
         stages.append(f"align ({recipe.align.method})")
-    if recipe.fuse:
+    if recipe.fuse and recipe.fuse.output == "adapter":
+        stages += [f"fuse ({recipe.fuse.method}, adapter space)", "save (adapter)"]
+    elif recipe.fuse:
         stages += [f"fuse ({recipe.fuse.method})", "save"]
         if recipe.align and recipe.align.repair:
             stages.append("repair")
+    if recipe.extract:
+        stages += ["extract-lora", "save (adapter)"]
     if recipe.evaluate:
         stages.append("evaluate")
     return stages
 
 
 def open_models(recipe: Recipe, names: list[str] | None = None) -> dict[str, Checkpoint]:
-    """Open (headers only) the recipe's models, or those named; quantized ones through a
-    view that dequantizes on read (and refuses, from headers, what it cannot)."""
+    """Open (headers only) the recipe's models, or those named: a quantized one through a
+    view that dequantizes on read (refusing, from headers, what it cannot), a model with a
+    ``lora`` adapter as its base seen through the adapter (applied on read)."""
     return {
-        name: dequantizing(open_checkpoint(recipe.models[name].path))
+        name: open_model(recipe.models[name].path, recipe.models[name].lora)
         for name in (names if names is not None else list(recipe.models))
     }
 
@@ -104,7 +110,11 @@ def _run(recipe: Recipe, options: RunOptions) -> RunResult:
     report: dict[str, Any] = {}
     if recipe.align is not None:
         checkpoints = align_models(recipe, checkpoints, options)
-    if recipe.fuse is not None:
+    if recipe.extract is not None:
+        output, summary, _ = extract_recipe(recipe, checkpoints, options)
+    elif recipe.fuse is not None and recipe.fuse.output == "adapter":
+        output, summary = fuse_adapters(recipe, checkpoints, options)
+    elif recipe.fuse is not None:
         fused = fuse_models(recipe, method_of(recipe), checkpoints, options)
         output, summary, report = fused.output, fused.plan, fused.report
         if recipe.align is not None and recipe.align.repair:
@@ -160,7 +170,11 @@ def check(recipe: Recipe) -> None:
     if problems:
         raise TaskError("\n".join(dict.fromkeys(problems)))
     checkpoints, _ = prepare_vocabulary(recipe, opened)
-    if recipe.fuse is not None:
+    if recipe.extract is not None:
+        plan_extraction(recipe, checkpoints)
+    if recipe.fuse is not None and recipe.fuse.output == "adapter":
+        plan_adapter_merge(recipe, checkpoints)
+    elif recipe.fuse is not None:
         method = method_of(recipe)
         if isinstance(method, ModelMethod):
             if method.preflight is not None:
@@ -175,8 +189,12 @@ def plan(recipe: Recipe, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, An
     models and cache needs (whole-model methods)."""
     checkpoints, union = prepare_vocabulary(recipe, open_models(recipe))
     summary: dict[str, Any] = {"stages": stage_names(recipe)}
+    if recipe.extract is not None:
+        return {**summary, "streaming": True, **plan_extraction(recipe, checkpoints)}
     if recipe.fuse is None:
         return summary
+    if recipe.fuse.output == "adapter":
+        return {**summary, "streaming": True, **plan_adapter_merge(recipe, checkpoints).summary()}
     method = method_of(recipe)
     if isinstance(method, ModelMethod):
         if method.preflight is not None:

@@ -48,9 +48,13 @@ class TaskSpec(Strict):
 
 
 class ModelEntry(Strict):
-    """One input model: where it is and, optionally, its own task."""
+    """One input model: where it is, optionally a LoRA adapter applied to it on read, and
+    optionally its own task."""
 
     path: str
+    lora: str | None = Field(
+        None, description="a PEFT LoRA adapter of `path` (a directory or hf://org/name@rev)"
+    )
     task: TaskSpec | None = None
 
     @model_validator(mode="before")
@@ -87,6 +91,9 @@ class FuseSpec(Strict):
     #: Models with different vocabularies (added tokens): keep the base's, or merge them into
     #: their union (see fuse/vocab.py).
     tokenizer_source: Literal["base", "union"] | None = None
+    #: What the fuse stage writes: a model (the default), or, when every fused model is a
+    #: LoRA adapter of one base, one adapter combining them (PEFT's combinations).
+    output: Literal["model", "adapter"] = "model"
 
     @field_validator("models", mode="before")
     @classmethod
@@ -105,6 +112,19 @@ class FuseSpec(Strict):
 
     def model_values(self, name: str) -> dict[str, Any]:
         return dict((self.models or {}).get(name) or {})
+
+
+class ExtractSpec(Strict):
+    """``merge-cli extract-lora`` as a recipe section: the LoRA adapter of ``base`` that best
+    approximates ``model`` (truncated SVD of each weight matrix's task vector)."""
+
+    model: str = Field(description="the fine-tuned (or merged) model: a name in models")
+    base: str = Field(description="the base the adapter applies to: a name in models")
+    rank: int = Field(ge=1, description="largest rank per matrix")
+    sv_epsilon: float = Field(
+        0.0, ge=0, lt=1, description="drop singular values below this fraction of the largest"
+    )
+    embeddings: bool = Field(False, description="LoRA pairs for embeddings (else kept whole)")
 
 
 class EvalSpec(Strict):
@@ -153,6 +173,7 @@ class Recipe(Strict):
     task: TaskSpec | None = None
     align: AlignSpec | None = None
     fuse: FuseSpec | None = None
+    extract: ExtractSpec | None = None
     evaluate: list[EvalSpec] = Field(default_factory=list)
     save: SaveSpec | None = None
 
@@ -263,6 +284,7 @@ def _suggest(key: str, candidates: list[str] | None = None) -> str:
 
 def _known_keys() -> list[str]:
     keys: set[str] = set()
-    for model in (Recipe, TaskSpec, ModelEntry, AlignSpec, Rule, FuseSpec, EvalSpec, SaveSpec):
+    models = (Recipe, TaskSpec, ModelEntry, AlignSpec, Rule, FuseSpec, ExtractSpec, EvalSpec)
+    for model in (*models, SaveSpec):
         keys.update(model.model_fields)
     return sorted(keys)

@@ -199,7 +199,10 @@ def model_card(recipe: Recipe) -> str:
         recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
     )
     method = recipe.fuse.method if recipe.fuse else "none"
-    sources = "\n".join(f"- `{name}`: {entry.path}" for name, entry in recipe.models.items())
+    sources = "\n".join(
+        f"- `{name}`: {entry.path}" + (f" with the LoRA adapter {entry.lora}" if entry.lora else "")
+        for name, entry in recipe.models.items()
+    )
     return (
         "---\ntags:\n- merge\n- merge-cli\n---\n\n"
         f"# Merged model\n\nThis model was produced by merge-cli {__version__} "

@@ -19,6 +19,12 @@ as GNU ``/usr/bin/time`` reports it, memory-mapped file pages included.
     python scripts/bench.py --sizes 1 --methods linear ties dare_ties
     python scripts/bench.py --repeat 3              # medians of 3 runs of each, in turn
     python scripts/bench.py --fp8 --sizes 1.5 3     # FP8 block-scaled inputs, bf16 output
+    python scripts/bench.py --sizes 1 2 --methods linear@lora ties@lora
+
+A method written ``NAME@lora`` merges, instead of three checkpoints, the first one and two
+LoRA adapters of it (rank 16 on every attention and MLP matrix, PEFT's layout), applied on
+read: ``models.NAME: {path: BASE, lora: ADAPTER}``. The same bytes of checkpoint are read (the
+base three times) plus the adapters', and each adapted tensor is computed as W + scale·B·A.
 
 Peak RSS is the largest over the runs.
 """
@@ -156,6 +162,35 @@ def generate(directory: Path, num_layers: int, seed: int, fp8: bool = False) -> 
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
+LORA_RANK = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def generate_adapter(directory: Path, num_layers: int, seed: int) -> None:
+    """A synthetic PEFT LoRA adapter of :func:`generate`'s checkpoints (random A and B)."""
+    if (directory / "adapter_model.safetensors").exists():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    tensors = {}
+    for name, shape in model_shapes(num_layers).items():
+        module = name.removesuffix(".weight")
+        if len(shape) != 2 or not module.endswith(LORA_TARGETS):
+            continue
+        prefix = f"base_model.model.{module}"
+        a = torch.randn(LORA_RANK, shape[1], generator=generator) * 0.01
+        b = torch.randn(shape[0], LORA_RANK, generator=generator) * 0.01
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "r": LORA_RANK,
+        "lora_alpha": 2 * LORA_RANK,
+        "target_modules": list(LORA_TARGETS),
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
 def evict(paths: list[Path]) -> None:
     """Drop the files' pages from the page cache (no root needed)."""
     os.sync()
@@ -222,14 +257,22 @@ def timed(command: list[str]) -> tuple[float, int]:
     return seconds, max_rss_kb * 1024
 
 
-def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> Path:
+def recipe_for(
+    method: str, models: list[Path], out: Path, directory: Path, adapters: list[Path]
+) -> Path:
+    """The recipe of ``method`` on ``models``; ``NAME@lora``: on the first model and the
+    adapters of it instead."""
+    method, _, lora = method.partition("@")
     base, *rest = models
+    sources: list = [str(p) for p in models]
+    if lora:
+        sources = [str(base), *({"path": str(base), "lora": str(a)} for a in adapters)]
     fuse: dict = {"method": method}
     if method == "linear":
         fuse["models"] = {f"m{i}": {"weight": 1.0} for i in range(len(models))}
-        names = {f"m{i}": str(p) for i, p in enumerate(models)}
+        names = {f"m{i}": source for i, source in enumerate(sources)}
     else:
-        names = {"base": str(base), **{f"m{i}": str(p) for i, p in enumerate(rest)}}
+        names = {"base": sources[0], **{f"m{i}": p for i, p in enumerate(sources[1:])}}
         fuse["base"] = "base"
         fuse["models"] = {f"m{i}": {"weight": 0.5} for i in range(len(rest))}
         if method in ("ties", "dare_ties", "dare_linear", "breadcrumbs", "della"):
@@ -238,7 +281,7 @@ def recipe_for(method: str, models: list[Path], out: Path, directory: Path) -> P
             # mergekit's rescaling, whose whole-tensor statistics pass holds the most memory
             fuse["params"]["rescale"] = "l1"
     recipe = {"models": names, "fuse": fuse, "save": {"path": str(out), "dtype": "bfloat16"}}
-    path = directory / f"{method}.json"  # JSON is YAML
+    path = directory / f"{method}{'-lora' if lora else ''}.json"  # JSON is YAML
     path.write_text(json.dumps(recipe))
     return path
 
@@ -257,12 +300,16 @@ def bench_size(
     models = [directory / name for name in ("a", "b", "c")]
     for seed, model in enumerate(models):
         generate(model, num_layers, seed, fp8)
+    adapters = [directory / f"lora{i}" for i in range(2)]
+    if any(m.endswith("@lora") for m in methods):
+        for seed, adapter in enumerate(adapters):
+            generate_adapter(adapter, num_layers, seed)
     inputs = sorted(p for m in models for p in m.glob("*.safetensors"))
     input_bytes = sum(p.stat().st_size for p in inputs)
     out = directory / "out"
     rows = []
     for method in methods:
-        recipe = recipe_for(method, models, out, directory)
+        recipe = recipe_for(method, models, out, directory, adapters)
         merge_cmd = [
             sys.executable,
             "-m",

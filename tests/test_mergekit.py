@@ -77,6 +77,62 @@ def test_models_form_names_references_and_parameters():
     assert "save" not in recipe  # the output directory comes from --out
 
 
+def test_lora_references_translate_to_path_and_lora():
+    recipe = translate(
+        {
+            "merge_method": "ties",
+            "base_model": "org/base",
+            "models": [
+                {"model": "org/base+org/math-lora", "parameters": {"weight": 0.5}},
+                {"model": "org/base@v2+org/code-lora@r1"},
+                {"model": {"model": {"path": "org/base"}, "lora": {"path": "org/chat-lora"}}},
+                {"model": {"model": "org/base", "lora": "org/plain-lora"}},
+            ],
+        }
+    )
+    assert recipe["models"] == {
+        "math-lora": {"path": "hf://org/base", "lora": "hf://org/math-lora"},
+        "code-lora": {"path": "hf://org/base@v2", "lora": "hf://org/code-lora@r1"},
+        "chat-lora": {"path": "hf://org/base", "lora": "hf://org/chat-lora"},
+        "plain-lora": {"path": "hf://org/base", "lora": "hf://org/plain-lora"},
+        "base": "hf://org/base",
+    }
+    assert recipe["fuse"]["base"] == "base"
+    assert set(recipe["fuse"]["models"]) == {"math-lora", "code-lora", "chat-lora", "plain-lora"}
+
+
+def test_mergekit_lora_run_equals_merged_models(cli, tmp_path):
+    """``base+adapter`` in a mergekit configuration runs on the fly, as PEFT merges it."""
+    from safetensors.torch import save_file
+
+    from tests.peft_models import build_adapter, build_base, merged_and_unloaded
+
+    base = build_base(tmp_path / "base")
+    adapters = [build_adapter(base, tmp_path / f"lora{i}", seed=i + 1) for i in range(2)]
+    merged = []
+    for i, adapter in enumerate(adapters):
+        merged.append(tmp_path / f"merged{i}")
+        merged[-1].mkdir()
+        state = {k: v.contiguous() for k, v in merged_and_unloaded(base, adapter).items()}
+        save_file(state, str(merged[-1] / "model.safetensors"))
+    for refs, out in (([f"{base}+{a}" for a in adapters], "a"), ([str(m) for m in merged], "b")):
+        config = {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [
+                {"model": ref, "parameters": {"weight": 1.0, "density": 0.5}} for ref in refs
+            ],
+            "dtype": "float32",
+        }
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(config))
+        assert cli("run", tmp_path / f"{out}.yaml", "--out", tmp_path / out)[0] == 0
+    got, expected = load_safetensors_dir(tmp_path / "a"), load_safetensors_dir(tmp_path / "b")
+    assert set(got) == set(expected)
+    assert max((got[n] - expected[n]).abs().max().item() for n in expected) <= 1e-6
+    base_state = load_safetensors_dir(base)
+    assert sum(not torch.equal(expected[n], base_state[n]) for n in expected) == 8
+
+
 def test_base_model_listed_in_models_is_the_base_not_a_fused_model():
     recipe = translate(
         {
@@ -301,12 +357,15 @@ def test_one_slice_over_all_layers_is_the_models_form(tiny_llamas):
         ({"merge_method": "linear", "models": TWO, "chat_template": "chatml"}, "chat_template:"),
         ({"merge_method": "linear", "models": TWO, "output": "x"}, "output: unknown key"),
         (
-            {"merge_method": "linear", "models": [{"model": "org/a+org/lora"}]},
-            "models[0].model: 'org/a+org/lora': LoRA",
+            {"merge_method": "linear", "models": [{"model": "org/a+org/lora+org/more"}]},
+            "models[0].model: 'org/a+org/lora+org/more': expected MODEL+LORA",
         ),
         (
-            {"merge_method": "linear", "models": [{"model": {"model": "org/a", "lora": "x"}}]},
-            "models[0].model.lora: LoRA",
+            {
+                "merge_method": "linear",
+                "models": [{"model": {"model": "org/a", "lora": {"revision": "x"}}}],
+            },
+            "models[0].model.lora.path: expected a path or repo id",
         ),
         (
             {"merge_method": "linear", "models": [{"model": "org/a", "weight": 1}]},

@@ -458,6 +458,71 @@ def diff(
         )
 
 
+@app.command("extract-lora")
+def extract_lora(
+    model: Annotated[str, typer.Argument(help="The fine-tuned (or merged) model.")],
+    base: Annotated[str, typer.Option(help="The base model the adapter applies to.")],
+    rank: Annotated[int, typer.Option(help="Largest rank per matrix.", min=1)],
+    out: Annotated[Path, typer.Option(help="Directory to write the PEFT adapter to.")],
+    sv_epsilon: Annotated[
+        float,
+        typer.Option(help="Drop singular values below this fraction of the largest (0: keep)."),
+    ] = 0.0,
+    embeddings: Annotated[
+        bool,
+        typer.Option(
+            help="Decompose embedding matrices too (LoRA embedding pairs) instead of saving "
+            "them whole (modules_to_save)."
+        ),
+    ] = False,
+    device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    limit: Annotated[int, typer.Option(help="Show at most this many tensors (0: all).")] = 40,
+    as_json: JsonOpt = False,
+) -> None:
+    """Extract a LoRA adapter (PEFT format): truncated SVD of MODEL - BASE per matrix."""
+    from merge_cli.fuse.adapters.extract import ExtractOptions
+    from merge_cli.fuse.adapters.extract import extract_lora as extract
+    from merge_cli.io.resolve import open_checkpoint
+
+    def action() -> Any:
+        _check_device(device)
+        options = ExtractOptions(
+            rank=rank,
+            sv_epsilon=sv_epsilon,
+            embeddings=embeddings,
+            device=device,
+            overwrite=overwrite,
+            progress=RichProgress(not as_json),
+        )
+        return extract(open_checkpoint(model), open_checkpoint(base), out, options, base)
+
+    reports = guarded(as_json, action)
+    if as_json:
+        print_json({"ok": True, "output": str(out), "tensors": [vars(r) for r in reports]})
+        return
+    shown = [r for r in reports if r.kind != "unchanged"]
+    table = Table("shape", "kept as", "rank", "retained energy", "relative error")
+    table.columns.insert(0, Column("tensor", overflow="fold"))
+    for report in shown if limit == 0 else shown[:limit]:
+        table.add_row(
+            report.name,
+            "×".join(map(str, report.shape)),
+            report.kind,
+            str(report.rank) if report.rank else "",
+            f"{report.energy:.6f}",
+            f"{report.relative_error:.3e}",
+        )
+    console.print(table)
+    pairs = [r for r in reports if r.kind in ("lora", "embedding")]
+    console.print(
+        f"[green]✓[/green] wrote [bold]{out}[/bold]: {len(pairs)} low-rank matrices, "
+        f"{sum(r.kind == 'modules_to_save' for r in reports)} tensors kept whole, "
+        f"{sum(r.kind == 'unchanged' for r in reports)} unchanged"
+        + (f"; lowest retained energy {min(r.energy for r in pairs):.6f}" if pairs else "")
+    )
+
+
 def version_callback(value: bool) -> None:
     if value:
         console.print(f"merge-cli {__version__}")

@@ -38,6 +38,8 @@ _KNOWN_TOP = {
 }
 _SAVE_DTYPES = {"float32", "float16", "bfloat16"}
 _COMPUTE_DTYPES = _SAVE_DTYPES | {"float64"}
+#: mergekit's separator of a model and its LoRA adapter in a reference (``org/model+org/lora``).
+LORA_SEPARATOR = "+"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -107,7 +109,7 @@ class Translator:
         self.tokenizer_source(fuse, names[base_ref] if base_ref is not None else None)
         self.fail_if_problems()
         recipe: dict[str, Any] = {
-            "models": {names[ref]: ref for ref in references},
+            "models": {names[ref]: model_entry(ref) for ref in references},
             "fuse": fuse,
         }
         if save:  # mergekit has no output path: `run --out DIR` gives it
@@ -208,30 +210,38 @@ class Translator:
     # -- pieces ---------------------------------------------------------------------------
 
     def reference(self, value: Any, where: str) -> str:
-        """A mergekit model reference as a merge-cli reference (local path or hf://)."""
+        """A mergekit model reference as a merge-cli reference (local path or hf://); a
+        reference with a LoRA adapter (``base+lora``, or ``{model: ..., lora: ...}``) as
+        ``BASE+ADAPTER`` (:func:`model_entry` turns it into ``{path, lora}``)."""
         if isinstance(value, dict):
-            if value.get("lora"):
-                self.problems.append(f"{where}.lora: LoRA adapters are not supported")
             if value.get("override_architecture"):
                 self.problems.append(f"{where}.override_architecture: not supported")
             extra = set(value) - {"model", "lora", "override_architecture"}
             if extra:
                 self.problems.append(f"{where}.{sorted(extra)[0]}: unknown key")
-            model = value.get("model")
-            if isinstance(model, dict):
-                path, revision = model.get("path"), model.get("revision")
-                if not isinstance(path, str):
-                    self.problems.append(f"{where}.model.path: expected a path or repo id")
-                    return "?"
-                return _as_reference(path, revision)
-            value = model
+            base = self.model_path(value.get("model"), f"{where}.model")
+            lora = value.get("lora")
+            if not lora:
+                return base
+            return f"{base}{LORA_SEPARATOR}{self.model_path(lora, f'{where}.lora')}"
+        if isinstance(value, str) and LORA_SEPARATOR in value:
+            base, _, lora = value.partition(LORA_SEPARATOR)
+            if not base or not lora or LORA_SEPARATOR in lora:
+                self.problems.append(f"{where}: {value!r}: expected MODEL+LORA")
+                return "?"
+            return f"{self.model_path(base, where)}{LORA_SEPARATOR}{self.model_path(lora, where)}"
+        return self.model_path(value, where)
+
+    def model_path(self, value: Any, where: str) -> str:
+        """One path or repo id (``org/name@rev``, or mergekit's ``{path, revision}``)."""
+        if isinstance(value, dict):
+            path, revision = value.get("path"), value.get("revision")
+            if not isinstance(path, str):
+                self.problems.append(f"{where}.path: expected a path or repo id")
+                return "?"
+            return _as_reference(path, revision)
         if not isinstance(value, str) or not value:
             self.problems.append(f"{where}: expected a model path or Hugging Face repo id")
-            return "?"
-        if "+" in value:
-            self.problems.append(
-                f"{where}: {value!r}: LoRA references (model+lora) are not supported"
-            )
             return "?"
         if value.count("@") > 1:
             self.problems.append(f"{where}: {value!r}: more than one @revision")
@@ -474,6 +484,16 @@ class Translator:
 # References and names
 
 
+def model_entry(reference: str) -> str | dict[str, str]:
+    """A recipe model entry: a reference, or ``{path, lora}`` for ``BASE+ADAPTER``."""
+    base, separator, lora = reference.partition(LORA_SEPARATOR)
+    return {"path": base, "lora": lora} if separator else reference
+
+
+def _base_of(reference: str) -> str:
+    return reference.partition(LORA_SEPARATOR)[0]
+
+
 def _as_reference(path: str, revision: str | None) -> str:
     """A local path that exists stays local; ``org/name`` becomes ``hf://org/name``."""
     if Path(path).expanduser().exists() or not _HUB_ID.match(path):
@@ -492,7 +512,9 @@ class _ModelNames:
     def add(self, reference: str) -> None:
         if reference in self._names:
             return
-        stem = reference.removeprefix("hf://").partition("@")[0].rstrip("/")
+        # A model with a LoRA adapter is named after the adapter.
+        named = reference.partition(LORA_SEPARATOR)[2] or reference
+        stem = named.removeprefix("hf://").partition("@")[0].rstrip("/")
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(stem).name.removesuffix(".safetensors"))
         stem = stem or "model"
         name, n = stem, 2
@@ -506,6 +528,7 @@ class _ModelNames:
 
 def _local_tensor_names(reference: str) -> list[str] | None:
     """The tensor names of a local checkpoint (headers only); None for a Hub reference."""
+    reference = _base_of(reference)
     if reference.startswith(HUB_PREFIX) or not Path(reference).expanduser().exists():
         return None
     try:
@@ -523,4 +546,4 @@ def drop_unmatched(rules: list[dict[str, Any]], reference: str) -> list[dict[str
 
 
 def _layer_count(reference: str) -> int:
-    return count_layers(open_checkpoint(reference).tensor_names())
+    return count_layers(open_checkpoint(_base_of(reference)).tensor_names())
