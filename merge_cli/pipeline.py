@@ -32,6 +32,7 @@ from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
+from merge_cli.save import check_output_target, input_paths
 
 __all__ = [
     "RunOptions",
@@ -90,6 +91,12 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
     options = options or RunOptions()
     started = time.perf_counter()
     checkpoints = open_models(recipe)
+    if recipe.fuse is not None and recipe.save is not None:
+        check_output_target(
+            Path(recipe.save.path),
+            [*input_paths(recipe, checkpoints), *options.protected],
+            options.overwrite,
+        )
     output = None
     summary = None
     report: dict[str, Any] = {}
@@ -129,10 +136,16 @@ def run_evaluation(
     return rows, report
 
 
-def check(recipe: Recipe) -> None:
-    """Every check a run makes before reading tensor data: the inputs' headers, the
+def check(recipe: Recipe, protected: tuple[Path, ...] = ()) -> None:
+    """Every check a run makes before reading tensor data: the inputs' headers, the output
+    directory (never an input, nor ``protected``, nor a directory holding one), the
     vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
-    checkpoints, _ = prepare_vocabulary(recipe, open_models(recipe))
+    opened = open_models(recipe)
+    if recipe.fuse is not None and recipe.save is not None:
+        check_output_target(
+            Path(recipe.save.path), [*input_paths(recipe, opened), *protected], overwrite=False
+        )
+    checkpoints, _ = prepare_vocabulary(recipe, opened)
     if recipe.fuse is not None:
         method = method_of(recipe)
         if not isinstance(method, ModelMethod):

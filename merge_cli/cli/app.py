@@ -60,6 +60,10 @@ def run(
             help="CPU threads for compute (default: all cores but one, at most 4).", min=1
         ),
     ] = None,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(help="Write the output even if merged tensors hold NaN or infinite values."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe: load, (align), fuse, save, (evaluate)."""
@@ -82,6 +86,8 @@ def run(
             chunk_bytes=chunk_mb * 2**20,
             progress=RichProgress(not as_json),
             threads=threads,
+            protected=(recipe,),
+            allow_nonfinite=allow_nonfinite,
         )
         return run_pipeline(parsed, options)
 
@@ -170,7 +176,7 @@ def validate(
 
     def action() -> Any:
         parsed = load_recipe(recipe, set_, out)
-        check(parsed)
+        check(parsed, protected=(recipe,))
         return parsed
 
     parsed = guarded(as_json, action)

@@ -52,6 +52,8 @@ class ExecutionOptions:
     prefetch: bool = True
     #: torch's CPU threads for compute; None: all cores but one (at most 4; compute_threads).
     threads: int | None = None
+    #: Write merged chunks holding NaN or infinite values instead of failing (--allow-nonfinite).
+    allow_nonfinite: bool = False
 
 
 def compute_threads(requested: int | None) -> int:
@@ -194,6 +196,8 @@ def execute(
                 raise
             except (ValueError, RuntimeError) as error:
                 raise PlanError(f"fuse ({method.name}): tensor {tensor.name!r}: {error}") from error
+            if not options.allow_nonfinite:
+                check_finite(tensor, unit.rows, result, raw, method.name)
             output.write(tensor.name, result)
     progress.finish()
 
@@ -417,6 +421,33 @@ class _BackgroundWriter:
         if error_type is None:
             for future in self.pending:
                 future.result()
+
+
+def check_finite(
+    tensor: OutputTensor,
+    rows: tuple[int, int],
+    result: torch.Tensor,
+    raw: list[torch.Tensor],
+    method: str,
+) -> None:
+    """Refuse a merged chunk holding NaN or infinite values, naming the inputs that hold
+    some (the usual cause) or else the method."""
+    if not result.is_floating_point() or bool(torch.isfinite(result).all()):
+        return
+    bad = [
+        name
+        for (name, _), values in zip(tensor.sources, raw, strict=False)
+        if values.is_floating_point() and not bool(torch.isfinite(values).all())
+    ]
+    cause = (
+        f"the input {', '.join(dict.fromkeys(bad))} holds NaN or infinite values there"
+        if bad
+        else f"the method ({method}) produced them from finite inputs"
+    )
+    raise PlanError(
+        f"tensor {tensor.name!r} (rows {rows[0]}-{rows[1]}): the merged values include NaN or "
+        f"infinity; {cause}. Pass --allow-nonfinite to write them anyway"
+    )
 
 
 def _units(plan: MergePlan, method: TensorMethod, options: ExecutionOptions) -> list[_Unit]:

@@ -7,7 +7,8 @@ chunk being written, whatever ``shard_size`` is.
 
 Everything is written into a temporary sibling directory that is renamed into place only
 when complete, so an interrupted or failed run never leaves a half-written checkpoint at the
-target path.
+target path; the target is locked while it is written, and what dead runs left behind is
+cleaned up first (:mod:`merge_cli.io.staging`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from merge_cli.errors import OutputError
 from merge_cli.io.checkpoint import FileRange, TensorInfo
 from merge_cli.io.direct import BUFFER_BYTES, AppendFile, aligned_buffer
 from merge_cli.io.dtypes import TORCH_TO_SAFETENSORS
+from merge_cli.io.staging import TargetLock, move_into_place, recover_stale, staging_path
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -76,17 +78,40 @@ def preallocate(fd: int, size: int) -> None:
             raise OSError(code, os.strerror(code))
 
 
-def staging_path(target: Path, overwrite: bool) -> Path:
-    """The hidden sibling directory an output is written into before it is renamed to
-    ``target``; refuses a ``target`` that exists (unless ``overwrite``) or is not a directory."""
-    if target.exists() and not overwrite:
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse a ``target`` that exists (unless ``overwrite``) or is not a directory."""
+    if os.path.lexists(target) and not overwrite:
         raise OutputError(
             f"{target}: output already exists; pass --overwrite to replace it, "
             "or choose another --out"
         )
-    if target.exists() and not target.is_dir():
+    if os.path.lexists(target) and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a directory")
-    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
+def begin_staging(target: Path, overwrite: bool) -> tuple[TargetLock, Path]:
+    """Lock ``target``, clean up after dead runs on it, and create this run's staging
+    directory; the lock is released again if any of it fails."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{target.parent}: cannot create ({error.strerror or error})") from error
+    lock = TargetLock(target)
+    lock.acquire()
+    temp = staging_path(target)
+    try:
+        recover_stale(target)
+        check_target(target, overwrite)
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
+    except OSError as error:
+        lock.release()
+        raise OutputError(f"{temp}: cannot write ({error.strerror or error})") from error
+    except BaseException:
+        lock.release()
+        raise
+    return lock, temp
 
 
 class ShardedWriter:
@@ -112,7 +137,9 @@ class ShardedWriter:
         self.shards = shards
         self.file_names = file_names
         self.overwrite = overwrite
-        self.temp = staging_path(target, overwrite)
+        check_target(target, overwrite)
+        self.temp = staging_path(target)
+        self._lock: TargetLock | None = None
         self._shard = -1
         self._handle: AppendFile | None = None
         self._buffer = aligned_buffer(buffer_bytes)
@@ -121,13 +148,7 @@ class ShardedWriter:
 
     # -- context manager -------------------------------------------------------------
     def __enter__(self) -> ShardedWriter:
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            if self.temp.exists():
-                shutil.rmtree(self.temp)
-            self.temp.mkdir()
-        except OSError as error:
-            raise self._os_error(error, self.temp) from error
+        self._lock, self.temp = begin_staging(self.target, self.overwrite)
         return self
 
     def __exit__(
@@ -144,6 +165,12 @@ class ShardedWriter:
             self._handle.abandon()
             self._handle = None
         shutil.rmtree(self.temp, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- writing ---------------------------------------------------------------------
     def write(self, name: str, data: torch.Tensor) -> None:
@@ -260,9 +287,13 @@ class ShardedWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             self.write_text(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
         try:
-            move_into_place(self.temp, self.target)
+            move_into_place(self.temp, self.target, self.overwrite)
         except OSError as error:
             raise self._os_error(error, self.target) from error
+        except OutputError:
+            self.abort()
+            raise
+        self._release()
         return self.target
 
     def _os_error(self, error: OSError, path: Path) -> OutputError:
@@ -276,17 +307,6 @@ class ShardedWriter:
         return OutputError(f"{path}: cannot write ({reason}); nothing was written at {self.target}")
 
 
-def move_into_place(temp: Path, target: Path) -> None:
-    """Rename the finished ``temp`` directory to ``target``, replacing an old one."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(temp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, target)
-
-
 @contextmanager
 def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling of ``target`` to fill; renamed to ``target`` when the block succeeds.
@@ -296,17 +316,11 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target is never left half-written, and an existing target is replaced only with
     ``overwrite``.
     """
-    temp = staging_path(target, overwrite)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if temp.exists():
-            shutil.rmtree(temp)
-        temp.mkdir()
-    except OSError as error:
-        raise OutputError(f"{temp}: cannot write ({error.strerror or error})") from error
+    check_target(target, overwrite)
+    lock, temp = begin_staging(target, overwrite)
     try:
         yield temp
-        move_into_place(temp, target)
+        move_into_place(temp, target, overwrite)
     except OSError as error:
         shutil.rmtree(temp, ignore_errors=True)
         raise OutputError(
@@ -315,3 +329,5 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
