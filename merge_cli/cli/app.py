@@ -52,12 +52,15 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
     chunk_mb: Annotated[
-        int, typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1)
+        int,
+        typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1, max=4096),
     ] = 8,
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads for compute (default: all cores but one, at most 4).", min=1
+            help="CPU threads for compute (default: all cores but one, at most 4).",
+            min=1,
+            max=1024,
         ),
     ] = None,
     allow_nonfinite: Annotated[

@@ -185,6 +185,8 @@ def execute(
             try:
                 if tensor.copy_from is not None:
                     result = raw[0].to(tensor.dtype)
+                elif not tensor.nbytes:  # a 0-sized tensor: nothing to merge
+                    result = torch.empty(tensor.shape, dtype=tensor.dtype)
                 else:
                     if unit.rows[0] == 0 or params is None:
                         params = run.params(tensor)
