@@ -175,7 +175,9 @@ class ShardedWriter:
     # -- writing ---------------------------------------------------------------------
     def write(self, name: str, data: torch.Tensor) -> None:
         """Append ``data`` (all of tensor ``name``, or its next row chunk) to the output."""
-        if not self._expected:
+        if not data.numel():
+            return  # a 0-sized tensor: its header entry is all there is
+        while not self._expected:
             self._open_next_shard()
         info, remaining = self._expected[0]
         if name != info.name or data.dtype != info.dtype:
@@ -194,7 +196,9 @@ class ShardedWriter:
         Without reading them here (:meth:`~merge_cli.io.direct.AppendFile.copy_from`): the
         kernel copies file to file, or, into a direct shard, straight into its buffer.
         """
-        if not self._expected:
+        if not source.nbytes:
+            return  # a 0-sized tensor: its header entry is all there is
+        while not self._expected:
             self._open_next_shard()
         info, remaining = self._expected[0]
         if name != info.name or source.dtype != info.dtype or source.nbytes > remaining:
@@ -212,8 +216,14 @@ class ShardedWriter:
             self._expected[0] = (info, remaining)
         else:
             self._expected.pop(0)
+            self._skip_empty()
             if not self._expected:
                 self._close_shard()
+
+    def _skip_empty(self) -> None:
+        """Drop the expected tensors of 0 bytes ahead: they need no data, and no write."""
+        while self._expected and self._expected[0][1] == 0:
+            self._expected.pop(0)
 
     def _open_next_shard(self) -> None:
         self._shard += 1
@@ -232,9 +242,9 @@ class ShardedWriter:
         except OSError as error:
             raise self._os_error(error, path) from error
         self._write_bytes(header)
-        # zero-byte tensors need no data
-        while self._expected and self._expected[0][1] == 0:
-            self._expected.pop(0)
+        self._skip_empty()
+        if not self._expected:  # a shard of 0-sized tensors only: its header is all of it
+            self._close_shard()
 
     def _write_bytes(self, payload: bytes | memoryview) -> None:
         assert self._handle is not None
@@ -275,6 +285,8 @@ class ShardedWriter:
 
     def finish(self) -> Path:
         """Check that every planned byte was written, write the index, move into place."""
+        while not self._expected and self._shard < len(self.shards) - 1:
+            self._open_next_shard()  # trailing shards of 0-sized tensors only
         if self._shard != len(self.shards) - 1 or self._expected:
             raise AssertionError("writer: finished before every planned tensor was written")
         if len(self.shards) > 1:
