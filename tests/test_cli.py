@@ -261,3 +261,13 @@ def test_zero_sized_tensors_merge_with_every_method(cli, tmp_path):
         )  # fmt: skip
         assert code == 0, (method, err)
         assert load_file(tmp_path / "out" / "model.safetensors")["empty"].shape == (0, 4)
+
+
+def test_a_model_named_with_a_lone_surrogate_merges_and_gets_a_card(cli, tmp_path):
+    recipe = tiny_pair(tmp_path)
+    code, _, err = cli(
+        "run", recipe, "--set", f"models.x\udce9={tmp_path / 'm1.safetensors'}",
+        "--set", "fuse.models=[one, two]",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "x\\udce9" in (tmp_path / "out" / "README.md").read_text()

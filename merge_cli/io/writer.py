@@ -265,7 +265,8 @@ class ShardedWriter:
     def write_text(self, relative: str, text: str) -> None:
         path = self.temp / relative
         try:
-            path.write_text(text)
+            # a name from the command line may hold lone surrogates (undecodable bytes)
+            path.write_text(text, encoding="utf-8", errors="backslashreplace")
         except OSError as error:
             raise self._os_error(error, path) from error
 
