@@ -223,7 +223,11 @@ def move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
             return
         parked = parked_path(target)
         os.rename(target, parked)
-        os.rename(temp, target)
+        try:
+            os.rename(temp, target)
+        except BaseException:  # an error or a signal between the renames: put the old back
+            os.rename(parked, target)
+            raise
         shutil.rmtree(parked, ignore_errors=True)
         return
     try:

@@ -306,3 +306,23 @@ def test_staged_directory_is_locked_and_cleaned(tmp_path):
             pass
     assert (target / "member").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failure_between_the_fallback_renames_puts_the_old_output_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(staging, "_renameat2", lambda *_args: False)
+    temp, target = tmp_path / "temp", tmp_path / "out"
+    temp.mkdir()
+    target.mkdir()
+    (target / "old").write_text("old")
+    original = os.rename
+
+    def interrupted(source, destination):
+        if source == temp:
+            raise KeyboardInterrupt  # SIGTERM arriving between the two renames
+        original(source, destination)
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        move_into_place(temp, target, overwrite=True)
+    assert (target / "old").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "temp"]
