@@ -143,9 +143,39 @@ def overrides(draw):
     return draw(st.lists(pairs | st.text(max_size=10), min_size=1, max_size=2))
 
 
+@st.composite
+def mergekit_configs(draw, models: dict[str, str]):
+    """mergekit configurations (translated on the fly): real keys, hostile values now and
+    then."""
+    hostile = sometimes(draw, 2)
+    chosen = draw(st.lists(st.sampled_from(list(models.values())), min_size=1, max_size=3))
+    entries = [
+        {"model": path, "parameters": draw(param_maps())}
+        if draw(st.booleans())
+        else {"model": path}
+        for path in chosen
+    ]
+    config: dict = {
+        "merge_method": draw(st.sampled_from(METHODS[:12])),
+        "models": entries,
+    }
+    if draw(st.booleans()):
+        config["base_model"] = draw(st.sampled_from(list(models.values())))
+    if draw(st.booleans()):
+        config["parameters"] = draw(param_maps())
+    if draw(st.booleans()):
+        config["dtype"] = draw(st.sampled_from(["float32", "bfloat16", "float16"]))
+    if hostile:
+        key = draw(st.sampled_from(["slices", "tokenizer_source", "models", "parameters", "x"]))
+        config[key] = draw(values)
+    return config
+
+
 def documents(models):
-    """What a recipe file may hold: a dumped recipe, or raw (often broken) YAML text."""
-    dumped = recipes(models).map(lambda raw: yaml.safe_dump(raw, allow_unicode=True))
+    """What a recipe file may hold: a dumped recipe or mergekit configuration, or raw (often
+    broken) YAML text."""
+    configs = recipes(models) | mergekit_configs(models)
+    dumped = configs.map(lambda raw: yaml.safe_dump(raw, allow_unicode=True))
     raw = st.text(max_size=80) | st.sampled_from(
         ["[" * 200, "a: &a [*a]", "models: !!python/object:os.system x", "\t- x", "---\n---"]
     )

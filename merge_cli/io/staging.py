@@ -173,9 +173,18 @@ def recover_stale(target: Path) -> list[str]:
             os.rename(sibling, target)
             done.append(f"restored {target} from {sibling.name} (a run died while replacing it)")
         else:
-            shutil.rmtree(sibling, ignore_errors=True)
+            remove(sibling)
             done.append(f"removed {sibling.name} (left by a run that died)")
     return done
+
+
+def remove(path: Path) -> None:
+    """Delete a directory tree, or a symlink (an old output may have been one) or file."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _renameat2(source: Path, destination: Path, flags: int) -> bool:
@@ -219,7 +228,7 @@ def move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
         raise _appeared(target)
     if exists:
         if exchange(temp, target):
-            shutil.rmtree(temp, ignore_errors=True)  # now holds the old output
+            remove(temp)  # now holds the old output
             return
         parked = parked_path(target)
         os.rename(target, parked)
@@ -228,7 +237,7 @@ def move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
         except BaseException:  # an error or a signal between the renames: put the old back
             os.rename(parked, target)
             raise
-        shutil.rmtree(parked, ignore_errors=True)
+        remove(parked)
         return
     try:
         if rename_no_replace(temp, target):

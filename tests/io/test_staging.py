@@ -326,3 +326,22 @@ def test_a_failure_between_the_fallback_renames_puts_the_old_output_back(tmp_pat
         move_into_place(temp, target, overwrite=True)
     assert (target / "old").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "temp"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_overwriting_a_symlink_replaces_the_link_not_what_it_points_to(
+    tmp_path, monkeypatch, renameat2
+):
+    if not renameat2:
+        monkeypatch.setattr(staging, "_renameat2", lambda *_args: False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept").write_text("kept")
+    target, temp = tmp_path / "out", tmp_path / "temp"
+    target.symlink_to(elsewhere)
+    temp.mkdir()
+    (temp / "new").write_text("new")
+    move_into_place(temp, target, overwrite=True)
+    assert not target.is_symlink() and (target / "new").read_text() == "new"
+    assert (elsewhere / "kept").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
