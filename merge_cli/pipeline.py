@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from merge_cli.align.stage import align_models, repair_output
+from merge_cli.engine.executor import torch_threads
 from merge_cli.engine.method import Method, ModelMethod
-from merge_cli.errors import CheckpointError
+from merge_cli.errors import CheckpointError, TaskError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.stage import (
@@ -33,6 +34,7 @@ from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
 from merge_cli.save import check_output_target, input_paths
+from merge_cli.task import task_problems
 
 __all__ = [
     "RunOptions",
@@ -87,8 +89,13 @@ def method_of(recipe: Recipe) -> Method:
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
-    """Run every stage of ``recipe``."""
+    """Run every stage of ``recipe`` (on ``options.threads`` torch threads when set)."""
     options = options or RunOptions()
+    with torch_threads(options.threads):
+        return _run(recipe, options)
+
+
+def _run(recipe: Recipe, options: RunOptions) -> RunResult:
     started = time.perf_counter()
     checkpoints = open_models(recipe)
     if recipe.fuse is not None and recipe.save is not None:
@@ -118,11 +125,19 @@ def run_evaluation(
     options: RunOptions,
     merged: str | None = None,
     report: Path | None = None,
-) -> tuple[list[dict[str, Any]], Path]:
+) -> tuple[list[dict[str, Any]], Path | None]:
     """``merge-cli eval``: the evaluate stage alone, on existing checkpoints (no fuse).
 
     ``merged`` is the fused model to score as ``merged`` (default: ``save.path`` when it
-    exists). Alignment runs first when the recipe has it, as in a full run."""
+    exists). Alignment runs first when the recipe has it, as in a full run. Returns the rows
+    and the report written (``None`` when there was nowhere to write it)."""
+    with torch_threads(options.threads):
+        return _run_evaluation(recipe, options, merged, report)
+
+
+def _run_evaluation(
+    recipe: Recipe, options: RunOptions, merged: str | None, report: Path | None
+) -> tuple[list[dict[str, Any]], Path | None]:
     checkpoints = open_models(recipe)
     if recipe.align is not None:
         checkpoints = align_models(recipe, checkpoints, options)
@@ -138,17 +153,29 @@ def run_evaluation(
 
 def check(recipe: Recipe, protected: tuple[Path, ...] = ()) -> None:
     """Every check a run makes before reading tensor data: the inputs' headers, the output
-    directory (never an input, nor ``protected``, nor a directory holding one), the
+    directory (never an input, nor ``protected``, nor a directory holding one), each model's
+    task (its functions' signatures, its model against the checkpoint's headers), the
     vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
     opened = open_models(recipe)
     if recipe.fuse is not None and recipe.save is not None:
         check_output_target(
             Path(recipe.save.path), [*input_paths(recipe, opened), *protected], overwrite=False
         )
+    problems = []
+    for name, checkpoint in opened.items():
+        spec = recipe.task_for(name)
+        if spec is not None:
+            own = recipe.models[name].task is not None
+            problems += task_problems(spec, checkpoint, f"models.{name}.task" if own else "task")
+    if problems:
+        raise TaskError("\n".join(dict.fromkeys(problems)))
     checkpoints, _ = prepare_vocabulary(recipe, opened)
     if recipe.fuse is not None:
         method = method_of(recipe)
-        if not isinstance(method, ModelMethod):
+        if isinstance(method, ModelMethod):
+            if method.preflight is not None:
+                method.preflight(recipe)
+        else:
             plan_merge(recipe, method, checkpoints)
 
 
@@ -162,6 +189,8 @@ def plan(recipe: Recipe, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, An
         return summary
     method = method_of(recipe)
     if isinstance(method, ModelMethod):
+        if method.preflight is not None:
+            method.preflight(recipe)
         return {**summary, "streaming": False, **plan_whole_model(recipe, method, checkpoints)}
     merge_plan, _ = plan_streaming(recipe, method, checkpoints, union)
     streaming = plan_summary(method, merge_plan, checkpoints, chunk_bytes)

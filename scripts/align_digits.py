@@ -5,9 +5,12 @@ digits from different seeds, aligns the second of each pair to the first with ev
 alignment method, and prints test loss/accuracy at the midpoint of the linear path and the
 loss barrier along it (21 points), naive and aligned, with and without REPAIR.
 
-    python scripts/align_digits.py [--epochs 6] [--save examples/digits]
+    python scripts/align_digits.py [--epochs 6] [--save examples/digits-align]
 
 The tests (tests/align/test_digits.py) import this module and assert on its numbers.
+``--save`` writes the models the recipes under recipes/align/ read (examples/digits-align:
+hidden 256, depth 3), apart from scripts/make_connectivity_models.py's examples/digits
+(hidden 128, depth 2), whose files have the same names but other shapes.
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO))
 import merge_cli  # noqa: E402
 from merge_cli.config import recipe_from_dict  # noqa: E402
 from merge_cli.fuse.ensembles.ensemble import (  # noqa: E402
-    Ensemble,
     fit_simplex_weights,
     member_probabilities,
 )
 from merge_cli.pipeline import run  # noqa: E402
+from merge_cli.task.ensemble import Ensemble  # noqa: E402
 
 STUDENT = {"model": "recipes/tasks/digits.py:build_mlp", "params": {"hidden": 32, "depth": 2}}
 

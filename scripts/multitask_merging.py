@@ -6,9 +6,10 @@ Pre-trains a trunk (with a 10-class digits head) on the digits training split, f
 a copy on each task (parity, ge5, mod3 of the digit images; breast_cancer and wine tabular
 data, see recipes/tasks/multitask.py) with a fresh task head, saves every model as
 safetensors under ``--out``, merges the trunks (each task keeps its own head) and prints the
-test accuracy of every task for: each fine-tuned model alone, the simple average, task
-arithmetic (lambda 0.3), TIES (when merge-cli has it), Fisher, RegMean and AdaMerging
-(the last three through merge-cli recipes, one task per model).
+test accuracy of every task for: each fine-tuned model alone, then every merge, each run by
+merge-cli from a recipe with ``heads``: the simple average, task arithmetic (lambda 0.3) and
+TIES (the recipes under recipes/multitask/, with the models' paths set), Fisher, RegMean
+and AdaMerging (the recipes under recipes/datamerge/, built here with each model's task).
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from merge_cli.config import recipe_from_dict  # noqa: E402
-from merge_cli.engine.method import TensorJob  # noqa: E402
-from merge_cli.fuse import METHODS  # noqa: E402
-from merge_cli.fuse.datamerge.heads import head_output_name, is_head, task_state_dict  # noqa: E402
+from merge_cli.config import load_recipe, recipe_from_dict  # noqa: E402
+from merge_cli.fuse.datamerge.heads import task_state_dict  # noqa: E402
 from merge_cli.io import open_checkpoint  # noqa: E402
 from merge_cli.io.checkpoint import read_state_dict  # noqa: E402
 from merge_cli.options import RunOptions  # noqa: E402
@@ -40,8 +39,14 @@ TASK_FILE = REPO / "recipes" / "tasks" / "multitask.py"
 DIGITS_FILE = REPO / "recipes" / "tasks" / "digits.py"
 TASKS = ["parity", "ge5", "mod3", "breast_cancer", "wine"]
 HEADS = r"re:^head\."
-#: Task arithmetic's scaling, as in the AdaMerging and FusionBench comparisons.
-TASK_ARITHMETIC_LAMBDA = 0.3
+#: Data-free merges: table row -> recipe under recipes/multitask/ (task arithmetic's lambda
+#: is 0.3 there, as in the AdaMerging and FusionBench comparisons).
+RECIPE_DIR = REPO / "recipes" / "multitask"
+PER_TENSOR_RECIPES = {
+    "simple average": "linear",
+    "task arithmetic": "task_arithmetic",
+    "ties": "ties",
+}
 #: Per-method fuse params used here (recipes under recipes/datamerge/ use the same).
 DATA_METHODS: dict[str, dict[str, Any]] = {
     "fisher": {"num_examples": 256},
@@ -126,61 +131,12 @@ def states(paths: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
     return {name: read_state_dict(open_checkpoint(str(path))) for name, path in paths.items()}
 
 
-def per_tensor_merge(
-    method: str, models: dict[str, dict[str, torch.Tensor]], params: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    """Merge the trunks with a streaming (per-tensor) merge-cli method; keep every head."""
-    entry = METHODS[method]
-    method_params = entry.params.model_validate(
-        {k: v for k, v in params.items() if k in entry.params.model_fields}
-    )
-    model_params = [
-        entry.model_params.model_validate(
-            {k: v for k, v in params.items() if k in entry.model_params.model_fields}
-        )
-        for _ in TASKS
-    ]
-    merged = {}
-    for name, tensor in models["base"].items():
-        if is_head(name, HEADS):
-            continue
-        job = TensorJob(
-            name=name,
-            models=[models[t][name].to(torch.float32, copy=True) for t in TASKS],
-            base=tensor.to(torch.float32, copy=True) if entry.needs_base else None,
-            rows=(0, tensor.shape[0]),
-            shape=tuple(tensor.shape),
-            seed=0,
-        )
-        stats = None
-        if entry.statistics is not None:
-            stats = entry.statistics(lambda job=job: iter([job]), method_params, model_params)
-        merged[name] = entry.merge(job, method_params, model_params, stats)
-    return with_task_heads(merged, models)
-
-
-def with_task_heads(
-    trunk: dict[str, torch.Tensor], models: dict[str, dict[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    output = dict(trunk)
-    for task in TASKS:
-        for name, tensor in models[task].items():
-            if is_head(name, HEADS):
-                output[head_output_name(task, name)] = tensor
-    return output
-
-
-def task_arithmetic(
-    models: dict[str, dict[str, torch.Tensor]], scale: float = TASK_ARITHMETIC_LAMBDA
-) -> dict[str, torch.Tensor]:
-    """Ilharco et al. 2023: base + lambda * sum of task vectors (trunk only)."""
-    base = models["base"]
-    trunk = {
-        name: base[name] + scale * sum(models[t][name] - base[name] for t in TASKS)
-        for name in base
-        if not is_head(name, HEADS)
-    }
-    return with_task_heads(trunk, models)
+def recipe_merge(paths: dict[str, Path], stem: str, out: Path) -> dict[str, torch.Tensor]:
+    """Run recipes/multitask/<stem>.yaml on the models at ``paths``; return the output."""
+    overrides = [f"models.{name}={path}" for name, path in paths.items()]
+    parsed = load_recipe(RECIPE_DIR / f"{stem}.yaml", overrides, str(out))
+    result = run(parsed, RunOptions(overwrite=True))
+    return read_state_dict(open_checkpoint(str(result.output)))
 
 
 def accuracy(state: dict[str, torch.Tensor], task: str, hidden: int, depth: int) -> float:
@@ -201,13 +157,9 @@ def benchmark(root: Path, hidden: int = 128, depth: int = 2, **train) -> dict[st
     seconds: dict[str, float] = {}
     results["individual"] = {t: accuracy(models[t], t, hidden, depth) for t in TASKS}
     started = time.perf_counter()
-    results["simple average"] = evaluate_merged(
-        per_tensor_merge("linear", models, {}), hidden, depth
-    )
-    results["task arithmetic"] = evaluate_merged(task_arithmetic(models), hidden, depth)
-    if "ties" in METHODS:
-        ties = per_tensor_merge("ties", models, {"density": 0.2, "weight": 1.0})
-        results["ties"] = evaluate_merged(ties, hidden, depth)
+    for row, stem in PER_TENSOR_RECIPES.items():
+        merged = recipe_merge(paths, stem, root / "merged" / stem)
+        results[row] = evaluate_merged(merged, hidden, depth)
     seconds["data-free"] = time.perf_counter() - started
     reports = {}
     for method in DATA_METHODS:

@@ -69,14 +69,14 @@ def test_validate_plan_inspect_diff_methods(cli, tiny_llamas, tmp_path):
     assert info["tensors"] == 39 and info["dtypes"] == {"bfloat16": info["parameters"]}
     assert len(info["shards"]) == 2
     code, out, _ = cli("diff", tiny_llamas["base"], tiny_llamas["base"], "--json")
-    rows = json.loads(out)
+    rows = json.loads(out)["rows"]
     assert code == 0 and all(
         r["cosine"] == pytest.approx(1.0) and r["relative_l2"] == 0 for r in rows
     )
     code, out, _ = cli("diff", tiny_llamas["base"], tiny_llamas["math"])
     assert code == 0 and "mean cosine" in out
     code, out, _ = cli("methods", "--json")
-    names = {m["name"] for m in json.loads(out)}
+    names = {m["name"] for m in json.loads(out)["methods"]}
     assert {"linear", "passthrough"} <= names
 
 
@@ -271,3 +271,44 @@ def test_a_model_named_with_a_lone_surrogate_merges_and_gets_a_card(cli, tmp_pat
     )  # fmt: skip
     assert code == 0, err
     assert "x\\udce9" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_methods_lists_parameter_choices_and_heads(cli):
+    code, out, _ = cli("methods", "--json")
+    assert code == 0
+    entries = {entry["name"]: entry for entry in json.loads(out)["methods"]}
+    rescale = next(p for p in entries["dare_ties"]["params"] if p["name"] == "rescale")
+    assert rescale["choices"] == [True, False, "l1"]
+    combine = next(p for p in entries["ensemble"]["params"] if p["name"] == "combine")
+    assert combine["choices"] == ["mean_logits", "mean_probs", "vote", "weighted"]
+    density = next(p for p in entries["ties"]["params"] if p["name"] == "density")
+    assert density["choices"] is None
+    assert any(p["name"] == "heads" for p in entries["task_arithmetic"]["params"])
+    assert not any(p["name"] == "heads" for p in entries["passthrough"]["params"])
+    code, text, _ = cli("methods")
+    assert "one of 'mean_logits', 'mean_probs', 'vote', 'weighted'" in " ".join(text.split())
+
+
+def test_every_command_prints_one_json_envelope(cli, tiny_llamas, tmp_path):
+    """--json: one object with ok and command for every command (convert prints the recipe
+    itself), and errors in the same envelope."""
+    recipe = write_recipe(tmp_path, tiny_llamas)
+    base, math = tiny_llamas["base"], tiny_llamas["math"]
+    commands = {
+        "validate": [recipe],
+        "plan": [recipe],
+        "run": [recipe],
+        "inspect": [base],
+        "diff": [base, math],
+        "methods": [],
+    }
+    for command, args in commands.items():
+        code, out, err = cli(command, *args, "--json")
+        assert code == 0, out + err
+        payload = json.loads(out)
+        assert payload["ok"] is True and payload["command"] == command, payload
+    code, out, _ = cli("inspect", tmp_path / "missing", "--json")
+    payload = json.loads(out)
+    assert code == 1
+    assert payload["ok"] is False and payload["command"] == "inspect"
+    assert payload["kind"] == "CheckpointError" and "missing" in payload["error"]

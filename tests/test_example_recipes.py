@@ -28,3 +28,34 @@ def test_example_recipe_runs(recipe, workspace, cli):
     assert code == 0, err
     assert (workspace / "out" / "config.json").exists()
     assert list((workspace / "out").glob("*.safetensors"))
+
+
+def test_each_example_input_is_built_by_one_script():
+    """A checkpoint under examples/ that recipes read comes from one builder script (the
+    recipe's "Build the inputs first" line), and every recipe reading it builds the same
+    model for it: two scripts writing examples/digits/mlp_a.safetensors with different
+    shapes made whichever recipe ran second fail."""
+    import re
+
+    import yaml
+
+    builders: dict[str, set[str]] = {}
+    shapes: dict[str, set[str]] = {}
+    for recipe in (REPO / "recipes").rglob("*.yaml"):
+        text = recipe.read_text()
+        built = re.search(r"Build the (?:inputs|members) first: python (\S+)", text)
+        raw = yaml.safe_load(text)
+        if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+            continue
+        for model in raw["models"].values():
+            path = model["path"] if isinstance(model, dict) else model
+            if not isinstance(path, str) or not path.startswith("examples/"):
+                continue
+            if built:
+                builders.setdefault(path, set()).add(built.group(1))
+            task = (model.get("task") if isinstance(model, dict) else None) or raw.get("task")
+            if task and task.get("model"):
+                shapes.setdefault(path, set()).add(f"{task['model']} {task.get('params')}")
+    assert builders["examples/digits/mlp_a.safetensors"] == {"scripts/make_connectivity_models.py"}
+    assert {p: b for p, b in builders.items() if len(b) > 1} == {}
+    assert {p: s for p, s in shapes.items() if len(s) > 1} == {}

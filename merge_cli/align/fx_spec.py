@@ -3,7 +3,8 @@
 The model is traced (:func:`torch.fx.symbolic_trace`) and its shapes propagated on an
 example input. Walking the graph forward, every Linear/Conv output starts a new group of
 units; ops that act on each unit alone (activations, dropout, pooling, BatchNorm/LayerNorm)
-pass the group on, adding their per-unit tensors; a flatten passes it on in blocks of
+pass the group on, adding their per-unit tensors (their buffers as running statistics,
+:attr:`~merge_cli.align.spec.AxisRef.statistic`); a flatten passes it on in blocks of
 ``H*W``; an addition merges the groups of its operands (a residual stream shares one
 permutation). A group that reaches the output, meets an input, or flows into an op this
 module does not understand is left fixed: the derivation is conservative, never wrong in a
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from merge_cli.align.spec import AxisRef, Group, PermutationSpec
+from merge_cli.align.spec import STATISTICS, AxisRef, Group, PermutationSpec
 from merge_cli.errors import PlanError
 
 _PASS_MODULES = (
@@ -93,7 +94,7 @@ def _union(a: _Units, b: _Units) -> _Units:
     return a
 
 
-def derive_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:  # noqa: C901
+def derive_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     """The permutation spec of ``model``'s graph (see the module docstring)."""
     try:
         graph = fx.symbolic_trace(model)
@@ -103,83 +104,108 @@ def derive_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpe
             f"spec: auto could not trace task.model with torch.fx ({error}); "
             "name a built-in spec (mlp, cnn, resnet, llama) or a spec file"
         ) from error
-    units: dict[fx.Node, tuple[_Units, int] | None] = {}
-    every: list[_Units] = []
+    walk = _Walk(graph)
+    for node in graph.graph.nodes:
+        entry = walk.of(node.args[0]) if node.args else None
+        if node.op == "call_module":
+            walk.module_node(node, entry)
+        elif node.op in ("call_function", "call_method"):
+            walk.function_node(node, entry)
+        elif node.op == "output":
+            walk.freeze(node)
+    return PermutationSpec(tuple(walk.groups()), name="auto")
 
-    def of(arg: object) -> tuple[_Units, int] | None:
-        return units.get(arg) if isinstance(arg, fx.Node) else None
 
-    def freeze(node: fx.Node) -> None:
+class _Walk:
+    """The forward walk over a traced graph: which units each node's output carries."""
+
+    def __init__(self, graph: fx.GraphModule) -> None:
+        self.graph = graph
+        self.units: dict[fx.Node, tuple[_Units, int] | None] = {}
+        self.every: list[_Units] = []
+
+    def of(self, arg: object) -> tuple[_Units, int] | None:
+        return self.units.get(arg) if isinstance(arg, fx.Node) else None
+
+    def freeze(self, node: fx.Node) -> None:
+        """The units flowing into ``node`` leave the understood ops: keep them fixed."""
         for arg in node.all_input_nodes:
-            if (entry := units.get(arg)) is not None:
+            if (entry := self.units.get(arg)) is not None:
                 entry[0].root().fixed = True
 
-    for node in graph.graph.nodes:
-        entry = of(node.args[0]) if node.args else None
-        if node.op == "call_module":
-            module = graph.get_submodule(node.target)
-            name = str(node.target)
-            if (
-                isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d)
-                and getattr(module, "groups", 1) == 1
-            ):
-                if entry is not None:
-                    group, block = entry
-                    group.root().axes.append(AxisRef(f"{name}.weight", 1, block, "in"))
-                new = _Units(module.weight.shape[0], sites=[name], producers=[name])
-                new.axes.append(AxisRef(f"{name}.weight", 0))
-                if module.bias is not None:
-                    new.axes.append(AxisRef(f"{name}.bias", 0))
-                every.append(new)
-                units[node] = (new, 1)
-            elif (
-                isinstance(module, _NORMS) and entry is not None and _norm_fits(module, node, entry)
-            ):
-                group = entry[0].root()
-                for tensor_name, _ in [*module.named_parameters(), *module.named_buffers()]:
-                    if tensor_name in ("weight", "bias", "running_mean", "running_var"):
-                        group.axes.append(AxisRef(f"{name}.{tensor_name}", 0))
-                group.sites = [name] if len(group.producers) == 1 else group.sites
-                group.normed = True
-                units[node] = entry
-            elif isinstance(module, _PASS_MODULES):
-                units[node] = entry
-            elif isinstance(module, nn.Flatten) and entry is not None:
-                units[node] = _flatten(node, entry)
+    def module_node(self, node: fx.Node, entry: tuple[_Units, int] | None) -> None:
+        module = self.graph.get_submodule(node.target)
+        name = str(node.target)
+        if (
+            isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d)
+            and getattr(module, "groups", 1) == 1
+        ):
+            if entry is not None:
+                group, block = entry
+                group.root().axes.append(AxisRef(f"{name}.weight", 1, block, "in"))
+            new = _Units(module.weight.shape[0], sites=[name], producers=[name])
+            new.axes.append(AxisRef(f"{name}.weight", 0))
+            if module.bias is not None:
+                new.axes.append(AxisRef(f"{name}.bias", 0))
+            self.every.append(new)
+            self.units[node] = (new, 1)
+        elif isinstance(module, _NORMS) and entry is not None and _norm_fits(module, node, entry):
+            group = entry[0].root()
+            for tensor_name, _ in module.named_parameters():
+                if tensor_name in ("weight", "bias"):
+                    group.axes.append(AxisRef(f"{name}.{tensor_name}", 0))
+            for tensor_name, _ in module.named_buffers():
+                if tensor_name in STATISTICS:
+                    group.axes.append(AxisRef(f"{name}.{tensor_name}", 0, statistic=True))
+            group.sites = [name] if len(group.producers) == 1 else group.sites
+            group.normed = True
+            self.units[node] = entry
+        elif isinstance(module, _PASS_MODULES):
+            self.units[node] = entry
+        elif isinstance(module, nn.Flatten) and entry is not None:
+            self.units[node] = _flatten(node, entry)
+        else:
+            self.freeze(node)
+
+    def function_node(self, node: fx.Node, entry: tuple[_Units, int] | None) -> None:
+        target = node.target
+        if target in _PASS_FUNCTIONS or target in _PASS_METHODS:
+            self.units[node] = entry
+        elif target in (operator.add, torch.add, operator.iadd, "add"):
+            left, right = self.of(node.args[0]), self.of(node.args[1])
+            if left is not None and right is not None and left[1] == right[1]:
+                self.units[node] = (_union(left[0], right[0]), left[1])
+            elif left is None and right is None:
+                self.units[node] = None
             else:
-                freeze(node)
-        elif node.op in ("call_function", "call_method"):
-            target = node.target
-            if target in _PASS_FUNCTIONS or target in _PASS_METHODS:
-                units[node] = entry
-            elif target in (operator.add, torch.add, operator.iadd, "add"):
-                left, right = of(node.args[0]), of(node.args[1])
-                if left is not None and right is not None and left[1] == right[1]:
-                    units[node] = (_union(left[0], right[0]), left[1])
-                elif left is None and right is None:
-                    units[node] = None
-                else:
-                    freeze(node)
-            elif target in (torch.flatten, "flatten", "view", "reshape") and entry is not None:
-                units[node] = _flatten(node, entry)
-            else:
-                freeze(node)
-        elif node.op == "output":
-            freeze(node)
-    groups = []
-    seen: set[int] = set()
-    for candidate in every:
-        root = candidate.root()
-        if id(root) in seen or root.fixed:
-            continue
-        seen.add(id(root))
-        producer = root.producers[0] if len(root.producers) == 1 and not root.normed else None
-        groups.append(
-            Group(
-                root.producers[0], root.size, tuple(root.axes), None, tuple(root.sites), 1, producer
+                self.freeze(node)
+        elif target in (torch.flatten, "flatten", "view", "reshape") and entry is not None:
+            self.units[node] = _flatten(node, entry)
+        else:
+            self.freeze(node)
+
+    def groups(self) -> list[Group]:
+        """One group per set of units that can be permuted (not fixed), in graph order."""
+        groups = []
+        seen: set[int] = set()
+        for candidate in self.every:
+            root = candidate.root()
+            if id(root) in seen or root.fixed:
+                continue
+            seen.add(id(root))
+            producer = root.producers[0] if len(root.producers) == 1 and not root.normed else None
+            groups.append(
+                Group(
+                    root.producers[0],
+                    root.size,
+                    tuple(root.axes),
+                    None,
+                    tuple(root.sites),
+                    1,
+                    producer,
+                )
             )
-        )
-    return PermutationSpec(tuple(groups), name="auto")
+        return groups
 
 
 def _norm_fits(module: nn.Module, node: fx.Node, entry: tuple[_Units, int]) -> bool:

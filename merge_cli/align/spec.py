@@ -20,11 +20,14 @@ Spec file format (YAML)::
 for attention heads, ``H*W`` where a conv feature map is flattened into a linear layer).
 ``role`` says whether the axis *produces* the units (``out``: weight rows, biases, norm
 vectors) or *consumes* them (``in``: the next layer's columns); permutations treat both the
-same, soft maps (Sinkhorn, ZipIt) do not. ``within: PARENT`` makes a group permute units only
-inside the parent's blocks, consistently with the parent's permutation (query heads inside
-their grouped-KV head). ``sites`` entries are module names (their output) or
-``module:input`` (their first input), the units lying on ``site_dim``; ``producer`` is the
-module whose weight rows and bias REPAIR may rescale (unset where a norm layer follows).
+same, soft maps (Sinkhorn, ZipIt) do not. ``statistic: true`` marks a running statistic of
+the data (BatchNorm ``running_mean``/``running_var``; the default for tensors so named): it
+is permuted with its units but is no weight, so weight matching leaves it out of its cost.
+``within: PARENT`` makes a group permute units only inside the parent's blocks,
+consistently with the parent's permutation (query heads inside their grouped-KV head).
+``sites`` entries are module names (their output) or ``module:input`` (their first input),
+the units lying on ``site_dim``; ``producer`` is the module whose weight rows and bias
+REPAIR may rescale (unset where a norm layer follows).
 
 Built-ins (:data:`BUILTIN_SPECS`) are derived from a checkpoint's tensor names and shapes;
 ``auto`` derives a spec from ``task.model`` with torch.fx (:mod:`merge_cli.align.fx_spec`).
@@ -50,14 +53,31 @@ from merge_cli.task import logits_of
 Role = Literal["out", "in"]
 
 
+#: Buffer names of running statistics (BatchNorm); see :attr:`AxisRef.statistic`.
+STATISTICS = ("running_mean", "running_var")
+
+
+def is_statistic(tensor: str) -> bool:
+    """Whether ``tensor`` is named as a running statistic (``*.running_mean``/``running_var``)."""
+    return tensor.rpartition(".")[2] in STATISTICS
+
+
 @dataclass(frozen=True)
 class AxisRef:
-    """One axis of one tensor indexed by a group's units."""
+    """One axis of one tensor indexed by a group's units.
+
+    ``statistic``: the tensor is a running statistic of the data (BatchNorm's running mean
+    and variance), not a weight. It is permuted with its units like any other axis, but
+    weight matching leaves it out of the similarity it maximises: Git Re-Basin's objective
+    (Ainsworth et al. 2023, Sec. 3.2) is the inner product of the *weights*, and its
+    permutation specs list parameters only (of a norm layer: its scale and bias).
+    """
 
     tensor: str
     axis: int
     block: int = 1
     role: Role = "out"
+    statistic: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +156,7 @@ class _AxisModel(BaseModel):
     axis: int = Field(ge=0)
     block: int = Field(1, ge=1)
     role: Role | None = None
+    statistic: bool | None = None
 
 
 class _GroupModel(BaseModel):
@@ -170,7 +191,13 @@ def load_spec_file(path: str | Path, checkpoint: Checkpoint) -> PermutationSpec:
     groups = []
     for item in model.groups:
         axes = tuple(
-            AxisRef(a.tensor, a.axis, a.block, a.role or ("out" if a.axis == 0 else "in"))
+            AxisRef(
+                a.tensor,
+                a.axis,
+                a.block,
+                a.role or ("out" if a.axis == 0 else "in"),
+                is_statistic(a.tensor) if a.statistic is None else a.statistic,
+            )
             for a in item.axes
         )
         first = axes[0]
@@ -245,7 +272,8 @@ def chain_spec(checkpoint: Checkpoint, module_order: list[str] | None = None) ->
 
     A module whose ``weight`` has >= 2 dims is a layer (Linear or Conv: rows produce units,
     columns consume the previous group, in blocks when a conv map is flattened); 1-D modules
-    after it (BatchNorm, LayerNorm: weight, bias, running_mean, running_var) act on its group.
+    after it (BatchNorm, LayerNorm: weight, bias, running_mean, running_var) act on its group;
+    running statistics are marked as such (:attr:`AxisRef.statistic`).
     The last layer's outputs are the network's outputs and stay fixed.
     """
     modules = _modules(checkpoint, module_order)
@@ -270,10 +298,10 @@ def chain_spec(checkpoint: Checkpoint, module_order: list[str] | None = None) ->
                 axes = []
             if module == layers[-1]:
                 break
-            axes = [AxisRef(n, 0) for n in names]
+            axes = [AxisRef(n, 0, statistic=is_statistic(n)) for n in names]
             layer = site = producer = module
         elif axes:  # a norm layer on the current group
-            axes += [AxisRef(n, 0) for n in names]
+            axes += [AxisRef(n, 0, statistic=is_statistic(n)) for n in names]
             site, producer = module, None
     return PermutationSpec(tuple(groups), name="chain")
 
@@ -289,8 +317,8 @@ def resnet_spec(checkpoint: Checkpoint) -> PermutationSpec:
 
     def module_axes(module: str) -> list[AxisRef]:
         return [
-            AxisRef(f"{module}.{p}", 0)
-            for p in ("weight", "bias", "running_mean", "running_var")
+            AxisRef(f"{module}.{p}", 0, statistic=p in STATISTICS)
+            for p in ("weight", "bias", *STATISTICS)
             if f"{module}.{p}" in names
         ]
 

@@ -6,6 +6,13 @@ it is solved by coordinate descent: fix every permutation but one group's, which
 linear assignment problem over ``S = sum_axes W_ref(axis) @ W_model(axis, others permuted)^T``;
 sweep the groups in random order until no permutation changes. Needs weights only.
 
+Only weights enter ``S``. Running statistics (BatchNorm's running mean and variance,
+:attr:`~merge_cli.align.spec.AxisRef.statistic`) are permuted with their units but are no
+part of the objective: Git Re-Basin's specs list parameters only. In the cost they act as
+rank-one terms (``mu_ref mu_model^T``) that pull units towards partners with similar
+statistics rather than similar weights; on a BatchNorm CNN that gave clearly worse
+permutations than the paper's algorithm (docs/results-alignment.md).
+
 Groups that share no tensor are independent (a Llama layer's MLP, its attention), so each
 connected component is solved on its own, reading only its tensors: one layer at a time.
 """
@@ -34,6 +41,11 @@ class WeightMatchingParams(BaseModel):
     seed: int = Field(0, description="seed of the random group order of each sweep")
 
 
+def weight_axes(group: Group) -> list[AxisRef]:
+    """The group's axes that enter the objective: weights, not running statistics."""
+    return [axis for axis in group.axes if not axis.statistic]
+
+
 def group_similarity(
     group: Group,
     reference: dict[str, torch.Tensor],
@@ -41,10 +53,11 @@ def group_similarity(
     axes_of: dict[str, list[tuple[AxisRef, Group]]],
     maps: dict[str, UnitMap],
 ) -> torch.Tensor:
-    """``S[i, j]``: inner product of reference unit i and model unit j over the group's axes,
-    with every other axis of each tensor already mapped by the current ``maps``."""
+    """``S[i, j]``: inner product of reference unit i and model unit j over the group's weight
+    axes (running statistics left out), with every other axis of each tensor already mapped
+    by the current ``maps``."""
     similarity = torch.zeros(group.size, group.size)
-    for axis in group.axes:
+    for axis in weight_axes(group):
         other = apply_maps(axis.tensor, model[axis.tensor], axes_of[axis.tensor], maps, axis.axis)
         a = reference[axis.tensor].movedim(axis.axis, 0).reshape(group.size, -1)
         b = other.movedim(axis.axis, 0).reshape(group.size, -1)
@@ -113,7 +126,7 @@ def weight_matching(
         solve_seconds = 0.0
         perms: dict[str, torch.Tensor] = {}
         for groups in components:
-            tensors = list(dict.fromkeys(a.tensor for g in groups for a in g.axes))
+            tensors = list(dict.fromkeys(a.tensor for g in groups for a in weight_axes(g)))
             ref = {t: checkpoints[reference].read(t).float() for t in tensors}
             mod = {t: checkpoint.read(t).float() for t in tensors}
             solve_started = time.perf_counter()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +23,7 @@ from merge_cli.cli.render import (
     console,
     guarded,
     human,
+    print_envelope,
     print_evaluation,
     print_json,
 )
@@ -58,7 +61,8 @@ def run(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="CPU threads for compute (default: all cores but one, at most 4).",
+            help="CPU threads for compute, every stage (default: all cores but one, at most 4, "
+            "for streaming merges; torch's default for whole-model methods).",
             min=1,
             max=1024,
         ),
@@ -94,9 +98,8 @@ def run(
         )
         return run_pipeline(parsed, options)
 
-    result = guarded(as_json, action)
+    result = guarded(as_json, action, "run")
     payload = {
-        "ok": True,
         "output": str(result.output) if result.output else None,
         "seconds": round(result.seconds, 3),
         "plan": result.plan,
@@ -104,7 +107,7 @@ def run(
         "report": result.report,
     }
     if as_json:
-        print_json(payload)
+        print_envelope("run", payload)
         return
     if result.output:
         console.print(
@@ -133,9 +136,15 @@ def eval_(
     ] = None,
     report: Annotated[
         Path | None,
-        typer.Option(help="Where to write the JSON report (plots go beside it)."),
+        typer.Option(
+            help="Where to write the JSON report (plots go beside it). Default: beside "
+            "--merged or in save.path when it exists, else no files are written."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's).", min=1)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe's evaluate stage alone, on existing checkpoints (no fuse)."""
@@ -148,12 +157,12 @@ def eval_(
         if not parsed.evaluate:
             raise RecipeError(str(recipe), ["evaluate: the recipe has no evaluate entries"])
         _check_device(device)
-        options = RunOptions(device=device, progress=RichProgress(not as_json))
+        options = RunOptions(device=device, progress=RichProgress(not as_json), threads=threads)
         return run_evaluation(parsed, options, merged, report)
 
-    rows, written = guarded(as_json, action)
+    rows, written = guarded(as_json, action, "eval")
     if as_json:
-        print_json({"ok": True, "report": str(written), "evaluation": rows})
+        print_envelope("eval", {"report": str(written) if written else None, "evaluation": rows})
         return
     print_evaluation(rows)
 
@@ -182,9 +191,9 @@ def validate(
         check(parsed, protected=(recipe,))
         return parsed
 
-    parsed = guarded(as_json, action)
+    parsed = guarded(as_json, action, "validate")
     if as_json:
-        print_json({"ok": True, "models": list(parsed.models)})
+        print_envelope("validate", {"models": list(parsed.models)})
     else:
         console.print(f"[green]✓[/green] {recipe} is valid ({len(parsed.models)} models)")
 
@@ -200,9 +209,9 @@ def plan(
     def action() -> Any:
         return plan_run(load_recipe(recipe, set_, out))
 
-    summary = guarded(as_json, action)
+    summary = guarded(as_json, action, "plan")
     if as_json:
-        print_json(summary)
+        print_envelope("plan", summary)
         return
     console.print(f"stages: {' → '.join(summary['stages'])}")
     if "bytes_read" not in summary:
@@ -238,7 +247,7 @@ def convert(
 
     from merge_cli.config import convert_mergekit
 
-    raw = guarded(as_json, lambda: convert_mergekit(config, out))
+    raw = guarded(as_json, lambda: convert_mergekit(config, out), "convert")
     if as_json:
         print_json(raw)
         return
@@ -249,12 +258,15 @@ def convert(
 @app.command()
 def methods(as_json: JsonOpt = False) -> None:
     """List every fusion method and its parameters."""
+    from merge_cli.engine.params import stage_params
     from merge_cli.fuse import METHODS
 
     entries = []
     for method in METHODS.values():
         params = []
-        for scope, schema in (("method", method.params), ("per model", method.model_params)):
+        schemas = [("method", method.params), ("per model", method.model_params)]
+        schemas += [("method", schema) for schema in stage_params(method)]
+        for scope, schema in schemas:
             for name, field in schema.model_fields.items():
                 default = (
                     None if field.is_required() else field.get_default(call_default_factory=True)
@@ -266,6 +278,7 @@ def methods(as_json: JsonOpt = False) -> None:
                         "type": _type_name(field.annotation),
                         "default": default,
                         "description": field.description or "",
+                        "choices": _choices(field.annotation),
                     }
                 )
         entries.append(
@@ -281,7 +294,7 @@ def methods(as_json: JsonOpt = False) -> None:
         )
     entries += _aligner_entries()
     if as_json:
-        print_json(entries)
+        print_envelope("methods", {"methods": entries})
         return
     for entry in entries:
         console.print(
@@ -291,9 +304,11 @@ def methods(as_json: JsonOpt = False) -> None:
         )
         console.print(f"  [dim]{entry['reference']}[/dim]")
         for p in entry["params"]:
+            choices = p.get("choices")
             console.print(
-                f"  • {p['name']} ({p['scope']}, {p['type']}, default {p['default']!r}): "
-                f"{p['description']}",
+                f"  • {p['name']} ({p['scope']}, {p['type']}, default {p['default']!r}"
+                + (f"; one of {', '.join(map(repr, choices))}" if choices else "")
+                + f"): {p['description']}",
                 highlight=False,
             )
 
@@ -317,12 +332,25 @@ def _aligner_entries() -> list[dict[str, Any]]:
                     "type": _type_name(field.annotation),
                     "default": field.get_default(call_default_factory=True),
                     "description": field.description or "",
+                    "choices": _choices(field.annotation),
                 }
                 for name, field in aligner.params.model_fields.items()
             ],
         }
         for aligner in ALIGNERS.values()
     ]
+
+
+def _choices(annotation: Any) -> list[Any] | None:
+    """The values a ``Literal`` parameter takes (``None`` inside ``X | None`` included)."""
+    args = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = list(typing.get_args(annotation))
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if not literals:
+        return None
+    values = [v for a in literals for v in typing.get_args(a)]
+    return values + ([None] if type(None) in args else [])
 
 
 def _type_name(annotation: Any) -> str:
@@ -342,7 +370,7 @@ def inspect(
     from merge_cli.io.dtypes import dtype_name
     from merge_cli.io.resolve import open_checkpoint
 
-    ckpt = guarded(as_json, lambda: open_checkpoint(checkpoint))
+    ckpt = guarded(as_json, lambda: open_checkpoint(checkpoint), "inspect")
     names = ckpt.tensor_names()
     infos = [ckpt.info(n) for n in names]
     shard_of = (
@@ -357,7 +385,8 @@ def inspect(
         dtypes[dtype_name(info.dtype)] = dtypes.get(dtype_name(info.dtype), 0) + info.numel
     shards = sorted({shard_of(n) for n in names} - {""})
     if as_json:
-        print_json(
+        print_envelope(
+            "inspect",
             {
                 "source": ckpt.source,
                 "tensors": len(names),
@@ -375,7 +404,7 @@ def inspect(
                     }
                     for i in infos
                 ],
-            }
+            },
         )
         return
     console.print(
@@ -413,9 +442,9 @@ def diff(
     def action() -> Any:
         return diff_checkpoints(open_checkpoint(a), open_checkpoint(b), RichProgress(not as_json))
 
-    rows = guarded(as_json, action)
+    rows = guarded(as_json, action, "diff")
     if as_json:
-        print_json([row.as_dict() for row in rows])
+        print_envelope("diff", {"rows": [row.as_dict() for row in rows]})
         return
     table = Table("shape", "cosine", "relative L2", "max |a-b|")
     table.columns.insert(0, Column("tensor", overflow="fold"))

@@ -74,9 +74,18 @@ class RichProgress:
             errors.print(f"[dim]{text}[/dim]")
 
 
-def fail(error: MergeCliError, as_json: bool) -> None:
+def fail(error: MergeCliError, as_json: bool, command: str | None = None) -> None:
     if as_json:
-        print(json.dumps({"ok": False, "error": str(error), "kind": type(error).__name__}))
+        print(
+            json.dumps(
+                {
+                    "ok": False,
+                    "command": command,
+                    "error": str(error),
+                    "kind": type(error).__name__,
+                }
+            )
+        )
     else:
         # soft_wrap: one long line, as logs and CI want; lone surrogates (from undecodable
         # file names) are shown escaped instead of failing to encode
@@ -107,13 +116,16 @@ def stop_signals_interrupt(received: list[int]) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def guarded(as_json: bool, action: Callable[[], Any]) -> Any:
+def guarded(as_json: bool, action: Callable[[], Any], command: str | None = None) -> Any:
+    """``action()``; a merge-cli error is printed (in the JSON envelope of ``command`` with
+    ``as_json``) and ends the command with the error's exit code. Ctrl-C, SIGTERM and SIGHUP
+    end it with 128 + the signal's number, after the action has cleaned up."""
     received: list[int] = []
     try:
         with stop_signals_interrupt(received):
             return action()
     except MergeCliError as error:
-        fail(error, as_json)
+        fail(error, as_json, command)
     except KeyboardInterrupt:
         name = signal.Signals(received[0]).name if received else "interrupted"
         errors.print(f"[bold red]{name}[/bold red]: nothing was written at the output path")
@@ -130,6 +142,12 @@ def human(n: float) -> str:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def print_envelope(command: str, payload: dict[str, Any]) -> None:
+    """A command's ``--json`` output: one object, ``{"ok": true, "command": NAME, ...}``
+    with the command's fields (errors: ``{"ok": false, "command", "error", "kind"}``)."""
+    print_json({"ok": True, "command": command, **payload})
 
 
 def print_evaluation(rows: list[dict[str, Any]]) -> None:

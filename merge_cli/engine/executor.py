@@ -72,6 +72,20 @@ def compute_threads(requested: int | None) -> int:
 
 
 @contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``count`` for the block (``None``: left as they are).
+
+    The pipeline applies ``--threads`` this way to every stage, so whole-model methods
+    (AdaMerging's training steps, Fisher's per-example gradients), alignment and evaluation
+    honour it as the streaming executor does."""
+    if count is None:
+        yield
+        return
+    with _torch_threads(count):
+        yield
+
+
+@contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(count)

@@ -19,7 +19,8 @@ loaded) and how it runs. The entry is one of two kinds, each with only its own f
   :class:`ModelFuseResult` that adds a report (learned coefficients, statistics used), or
   the path of an output it wrote itself (an ensemble directory), staged in a temporary
   sibling directory like every other output. ``cache_bytes`` estimates, from headers alone,
-  the disk the method's statistics caches need, for ``merge-cli plan``.
+  the disk the method's statistics caches need, for ``merge-cli plan``; ``preflight`` runs
+  the method's own recipe checks for ``validate`` and ``plan``.
 """
 
 from __future__ import annotations
@@ -165,6 +166,10 @@ class ModelMethod(MethodInfo):
 
     fuse: Callable[[Recipe, dict[str, Checkpoint], RunOptions], ModelFuseOutput]
     needs_task: bool = False
+    #: The method's own checks that need only the recipe, raising the typed error ``fuse``
+    #: raises for the same problem (``fuse`` runs them first): ``validate`` and ``plan`` run
+    #: them too, so they refuse what a run would refuse before any tensor is read.
+    preflight: Callable[[Recipe], None] | None = None
     #: (recipe, checkpoints) -> bytes of statistics the method caches on disk.
     cache_bytes: Callable[[Recipe, dict[str, Checkpoint]], int] | None = None
 

@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from merge_cli.engine.method import MethodInfo
+from merge_cli.engine.heads import HeadsParams
+from merge_cli.engine.method import MethodInfo, TensorMethod
 from merge_cli.recipe import FuseSpec, Rule
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -83,6 +84,19 @@ def is_gradient(schema: type[BaseModel], key: str, value: Any) -> bool:
     return isinstance(value, list) and not _accepts_list(schema, key)
 
 
+def is_numeric(schema: type[BaseModel], key: str) -> bool:
+    """Whether ``schema``'s field ``key`` takes one number (so a list there is a gradient)."""
+    annotation = schema.model_fields[key].annotation
+    return annotation in (int, float)
+
+
+def _gradient_value(schema: type[BaseModel], key: str, values: list[Any], position: float) -> Any:
+    """A gradient's value at ``position``; an integer parameter (karcher's ``max_iter``)
+    takes the nearest integer."""
+    value = interpolate([float(v) for v in values], position)
+    return round(value) if schema.model_fields[key].annotation is int else value
+
+
 def validate_values(
     values: dict[str, Any], schemas: list[type[BaseModel]], where: str
 ) -> list[str]:
@@ -98,6 +112,12 @@ def validate_values(
         adapter = _field_adapter(schema, key)
         items = [value]
         if is_gradient(schema, key, value):
+            if not is_numeric(schema, key):
+                problems.append(
+                    f"{where}.{key}: takes one value, not a list (only a numeric parameter "
+                    f"can be a gradient), got {value!r}"
+                )
+                continue
             if not value:
                 problems.append(f"{where}.{key}: a gradient needs at least one value")
                 continue
@@ -117,10 +137,18 @@ def validate_values(
     return problems
 
 
+def stage_params(method: MethodInfo) -> list[type[BaseModel]]:
+    """Parameters the fuse stage takes for ``method`` besides the method's own: ``heads`` for
+    every per-tensor method whose output tensors are the inputs' (not passthrough, MoE)."""
+    if isinstance(method, TensorMethod) and method.plan_tensors is None:
+        return [HeadsParams]
+    return []
+
+
 def check_fuse_params(spec: FuseSpec, method: MethodInfo, where: str = "fuse") -> list[str]:
     """Every parameter problem in a fuse section, for the recipe's error report."""
     both = [method.params, method.model_params]
-    problems = validate_values(spec.params, both, f"{where}.params")
+    problems = validate_values(spec.params, [*both, *stage_params(method)], f"{where}.params")
     for name, values in (spec.models or {}).items():
         problems += validate_values(values, [method.model_params], f"{where}.models.{name}")
     for i, rule in enumerate(spec.rules):
@@ -154,9 +182,20 @@ def _evaluate(values: dict[str, Any], schema: type[BaseModel], position: float) 
         if key not in schema.model_fields:
             continue
         if is_gradient(schema, key, value):
-            value = interpolate([float(v) for v in value], position)
+            value = _gradient_value(schema, key, value, position)
         resolved[key] = value
     return resolved
+
+
+def plan_params(spec: FuseSpec, method: MethodInfo) -> BaseModel:
+    """The method-level parameters a plan is made with (``plan_tensors``, ``derived_inputs``).
+
+    A gradient takes its first value here: the recipe checks refuse gradients on the
+    parameters of methods that choose their output tensors from them, and every other
+    method resolves its parameters per tensor (:func:`resolve_params`).
+    """
+    values = {k: v for k, v in spec.params.items() if k in method.params.model_fields}
+    return method.params.model_validate(_evaluate(values, method.params, 0.0))
 
 
 def resolve_params(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from merge_cli.engine.heads import head_output_name, is_head
 from merge_cli.engine.method import TensorMethod
 from merge_cli.engine.vocab import is_vocab_tensor
 from merge_cli.errors import PlanError
@@ -87,8 +88,11 @@ def aligned_tensors(
     model_names: list[str],
     base: str | None,
     save_dtype: str,
+    heads: str | None = None,
 ) -> list[OutputTensor]:
-    """Default plan: every tensor of the base (or first model), merged across all inputs.
+    """Default plan: every tensor of the base (or first model), merged across all inputs;
+    with ``heads``, the tensors it matches are each fused model's own, copied under
+    ``heads.<model>.<tensor>`` (:mod:`merge_cli.engine.heads`).
 
     Raises :class:`PlanError` listing every tensor missing from a model and every shape
     mismatch, so one run shows all of them.
@@ -98,6 +102,8 @@ def aligned_tensors(
     tensors = []
     everyone = list(dict.fromkeys([*model_names, *([base] if base else [])]))
     for name in checkpoints[reference].tensor_names():
+        if is_head(name, heads):
+            continue
         info = checkpoints[reference].info(name)
         ok = True
         for model in everyone:
@@ -116,6 +122,8 @@ def aligned_tensors(
                         " (the vocabularies differ; set fuse.tokenizer_source: base to keep "
                         f"{reference!r}'s, or union to merge them)"
                     )
+                elif heads is None:
+                    hint = " (task-specific heads? set fuse.params.heads)"
                 problems.append(
                     f"tensor {name!r}: shape {list(other_info.shape)} in model {model!r} "
                     f"differs from {list(info.shape)} in {reference!r}{hint}"
@@ -136,8 +144,30 @@ def aligned_tensors(
                     base=(base, name) if base else None,
                 )
             )
+    if heads is not None:
+        tensors += _head_tensors(checkpoints, model_names, heads, save_dtype)
     if problems:
         raise PlanError(_problem_report(problems))
+    return tensors
+
+
+def _head_tensors(
+    checkpoints: dict[str, Checkpoint], model_names: list[str], heads: str, save_dtype: str
+) -> list[OutputTensor]:
+    """Each fused model's head tensors, copied under ``heads.<model>.<tensor>``."""
+    tensors = []
+    for model in model_names:
+        for name in checkpoints[model].tensor_names():
+            if is_head(name, heads):
+                info = checkpoints[model].info(name)
+                dtype = output_dtype(info.dtype, save_dtype)
+                out_name = head_output_name(model, name)
+                tensors.append(OutputTensor(out_name, info.shape, dtype, copy_from=(model, name)))
+    if not tensors:
+        raise PlanError(
+            f"fuse.params.heads: {heads!r} matches no tensor of the fused models "
+            f"({', '.join(model_names)})"
+        )
     return tensors
 
 
@@ -176,6 +206,7 @@ def build_plan(
     save_dtype: str,
     shard_size: int,
     derived: dict[str, Checkpoint] | None = None,
+    heads: str | None = None,
 ) -> MergePlan:
     """The whole plan for a streaming method, from checkpoint headers only."""
     config_updates: dict[str, Any] = {}
@@ -186,7 +217,7 @@ def build_plan(
             {**checkpoints, **derived}, model_names, base, params, save_dtype
         )
     else:
-        tensors = aligned_tensors(checkpoints, model_names, base, save_dtype)
+        tensors = aligned_tensors(checkpoints, model_names, base, save_dtype, heads)
     if not tensors:
         raise PlanError("the plan has no output tensors")
     return MergePlan(

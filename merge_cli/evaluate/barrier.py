@@ -115,16 +115,27 @@ def run_barrier(context: EvalContext, spec: EvalSpec, params: BarrierParams) -> 
     if kind is not None:
         details["curve_kind"] = kind
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{first}_{second}")
-    labelled = {
-        f"{p} (loss barrier {details[p]['loss_barrier']:.3f})": v for p, v in values.items()
-    }
-    plot = plot_paths(
-        points,
-        labelled,
-        f"{label} ({params.split} split)",
-        context.report_dir / f"barrier_{safe}.png",
-    )
+    aligned = _alignment(context.recipe, first, second)
+    if aligned:
+        details["aligned"] = aligned
+    if context.report_dir is None:
+        return MetricResult(rows, details)
+    title = f"{label}{f', {aligned}' if aligned else ''} ({params.split} split)"
+    plot = plot_paths(points, values, title, context.report_dir / f"barrier_{safe}.png")
     return MetricResult(rows, details, [plot])
+
+
+def _alignment(recipe: Recipe, first: str, second: str) -> str | None:
+    """How the pair was aligned before scoring (the plot's title says so), or None."""
+    if recipe.align is None:
+        return None
+    # the reference as merge_cli.align.checks.reference_name picks it (a sibling stage)
+    reference = recipe.align.reference or (recipe.fuse.base if recipe.fuse else None)
+    reference = reference or next(iter(recipe.models))
+    moved = [name for name in (first, second) if name != reference]
+    if not moved:
+        return None
+    return f"{' and '.join(moved)} aligned to {reference} by {recipe.align.method}"
 
 
 def _check(recipe: Recipe, spec: EvalSpec, params: BarrierParams, where: str) -> list[str]:

@@ -59,11 +59,12 @@ def task_spec_for(recipe: Recipe, name: str) -> TaskSpec | None:
 @dataclass
 class EvalContext:
     """What every metric sees: the recipe, the opened models (``merged`` included when there
-    is one), where to write plots, and a cache of scores shared by ``loss`` and ``accuracy``."""
+    is one), where to write plots (``None``: nowhere was asked, plot nothing), and a cache of
+    scores shared by ``loss`` and ``accuracy``."""
 
     recipe: Recipe
     checkpoints: dict[str, Checkpoint]
-    report_dir: Path
+    report_dir: Path | None
     device: str
     progress: Progress
     #: Models that are ensemble directories (``merged`` of an ``ensemble`` fuse): scored as

@@ -2,9 +2,10 @@
 
 Called by the pipeline after the fuse stage (with the fused output as ``merged``), and for
 ``merge-cli eval`` on existing checkpoints (:func:`merge_cli.pipeline.run_evaluation`). The
-report, ``evaluation.json``, and the plots go into the merged model's directory when there
-is one, else ``save.path`` when it exists, else the current directory, unless a report path
-is given.
+report, ``evaluation.json``, and the plots go where a report path says, else into the merged
+model's directory when there is one, else into ``save.path`` when it exists; with none of
+these nothing is written (the results still come back as rows): a command never leaves
+files in the current directory unasked.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from merge_cli.version import __version__
 REPORT_NAME = "evaluation.json"
 
 
-def default_report_path(recipe: Recipe, merged_path: Path | None) -> Path:
+def default_report_path(recipe: Recipe, merged_path: Path | None) -> Path | None:
+    """Where the report goes without an explicit path: beside the merged model, else in
+    ``save.path`` when it is a directory, else nowhere (``None``)."""
     if merged_path is not None:
         return (merged_path if merged_path.is_dir() else merged_path.parent) / REPORT_NAME
     if recipe.save is not None and Path(recipe.save.path).is_dir():
         return Path(recipe.save.path) / REPORT_NAME
-    return Path(REPORT_NAME)
+    return None
 
 
 def evaluate_recipe(
@@ -42,7 +45,8 @@ def evaluate_recipe(
     options: RunOptions,
     report: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every ``evaluate`` entry; return the table rows and write the report."""
+    """Run every ``evaluate`` entry; return the table rows and write the report (and the
+    plots) when there is somewhere to write it (:func:`default_report_path`)."""
     checkpoints = dict(checkpoints)
     ensembles = {}
     if merged_path is not None and is_ensemble(merged_path):
@@ -51,7 +55,12 @@ def evaluate_recipe(
         checkpoints[MERGED] = open_checkpoint(str(merged_path))
     report = report or default_report_path(recipe, merged_path)
     context = EvalContext(
-        recipe, checkpoints, report.parent, options.device, options.progress, ensembles
+        recipe,
+        checkpoints,
+        report.parent if report is not None else None,
+        options.device,
+        options.progress,
+        ensembles,
     )
     rows: list[dict[str, Any]] = []
     entries = []
@@ -70,6 +79,9 @@ def evaluate_recipe(
                 "plots": [str(plot) for plot in result.plots],
             }
         )
+    if report is None:
+        options.progress.note("no evaluation report written (--report FILE writes one)")
+        return rows
     write_report(
         report,
         {

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from merge_cli.engine.method import Method, ModelMethod
+from merge_cli.engine.method import Method, ModelMethod, TensorMethod
 from merge_cli.engine.params import check_fuse_params, is_gradient
-from merge_cli.recipe import Recipe
+from merge_cli.recipe import FuseSpec, Recipe
 
 
 def check_fuse_section(recipe: Recipe, method: Method) -> list[str]:
@@ -44,6 +44,8 @@ def check_fuse_section(recipe: Recipe, method: Method) -> list[str]:
         if method.needs_task and not any(recipe.task_for(n) for n in fused):
             problems.append(f"task: method {method.name!r} needs a task (model, data, loss)")
         problems += _whole_model_problems(recipe, method)
+    elif method.plan_tensors is not None:
+        problems += _plan_level_gradients(spec, method)
     problems += check_fuse_params(spec, method)
     return problems
 
@@ -70,3 +72,17 @@ def _whole_model_problems(recipe: Recipe, method: ModelMethod) -> list[str]:
                     f"{key} cannot be a gradient"
                 )
     return problems
+
+
+def _plan_level_gradients(spec: FuseSpec, method: TensorMethod) -> list[str]:
+    """A method that chooses its output tensors from its parameters (passthrough, MoE) reads
+    them once, for the plan: they cannot vary over the layers."""
+    where = [("fuse.params", spec.params)]
+    where += [(f"fuse.rules[{i}].params", rule.params) for i, rule in enumerate(spec.rules)]
+    return [
+        f"{place}.{key}: {method.name} chooses its output tensors from {key}; "
+        f"{key} cannot be a gradient"
+        for place, values in where
+        for key, value in values.items()
+        if key in method.params.model_fields and is_gradient(method.params, key, value)
+    ]

@@ -18,6 +18,7 @@ from typing import Any
 from merge_cli import save
 from merge_cli.engine.executor import KEPT_CHUNK_BUDGETS, input_bytes, keeps_inputs
 from merge_cli.engine.method import Method, ModelFuseResult, ModelMethod, TensorMethod
+from merge_cli.engine.params import plan_params
 from merge_cli.engine.plan import MergePlan, build_plan
 from merge_cli.engine.vocab import (
     UnionVocabulary,
@@ -129,9 +130,7 @@ def plan_merge(
     spec = recipe.fuse
     assert spec is not None and recipe.save is not None
     model_names = spec.model_names(list(recipe.models))
-    params = method.params.model_validate(
-        {k: v for k, v in spec.params.items() if k in method.params.model_fields}
-    )
+    params = plan_params(spec, method)
     derived = method.derived_inputs(recipe, checkpoints) if method.derived_inputs else None
     return build_plan(
         method,
@@ -142,6 +141,7 @@ def plan_merge(
         recipe.save.dtype,
         int(recipe.save.shard_size),
         derived,
+        spec.params.get("heads"),
     )
 
 

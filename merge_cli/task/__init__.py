@@ -95,14 +95,103 @@ def load_callable(reference: str, what: str) -> Callable[..., Any]:
     return function
 
 
-def _call_with_params(function: Callable[..., Any], params: dict[str, Any], *args: Any) -> Any:
-    """Call ``function`` with the task params it accepts (all of them if it takes **kwargs)."""
+#: The form each task function must have, for the error that names a wrong signature.
+MODEL_FORM = "build(**task.params) -> nn.Module"
+DATA_FORM = "data(split, **task.params) -> iterable of (inputs, targets)"
+
+
+def _task_kwargs(function: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The task params ``function`` accepts (all of them if it takes **kwargs)."""
     signature = inspect.signature(function)
-    accepts_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    kwargs = (
-        params if accepts_all else {k: v for k, v in params.items() if k in signature.parameters}
-    )
-    return function(*args, **kwargs)
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return dict(params)
+    return {k: v for k, v in params.items() if k in signature.parameters}
+
+
+def check_signature(
+    function: Callable[..., Any], params: dict[str, Any], args: tuple[Any, ...], where: str
+) -> str | None:
+    """Why ``function`` cannot be called with ``args`` and the task params it accepts, or
+    ``None``: the check a wrong signature fails before the function runs."""
+    form = DATA_FORM if args else MODEL_FORM
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None  # a builtin without a signature: let the call decide
+    try:
+        signature.bind(*args, **_task_kwargs(function, params))
+    except TypeError as error:
+        return f"{where}: {function.__name__}{signature} cannot be called as {form} ({error})"
+    return None
+
+
+def _call_with_params(
+    function: Callable[..., Any], params: dict[str, Any], where: str, *args: Any
+) -> Any:
+    """Call ``function`` with ``args`` and the task params it accepts; a signature that does
+    not fit is one :class:`TaskError` naming the expected form."""
+    problem = check_signature(function, params, args, where)
+    if problem is not None:
+        raise TaskError(problem)
+    return function(*args, **_task_kwargs(function, params))
+
+
+def task_problems(spec: TaskSpec, checkpoint: Checkpoint | None, where: str) -> list[str]:
+    """What a run would refuse in ``spec`` for ``checkpoint``, found without running the
+    task's code on data: functions that do not import or whose signature does not fit, and
+    a model whose tensors' names or shapes differ from the checkpoint's headers (the model
+    is built on the meta device: no memory, no initialisation)."""
+    problems = []
+    functions = [(spec.model, "model", ()), (spec.data, "data", ("train",))]
+    for reference, key, args in functions:
+        if reference is None or (key == "model" and reference == "transformers"):
+            continue
+        try:
+            function = load_callable(reference, f"{where}.{key}")
+        except TaskError as error:
+            problems.append(str(error))
+            continue
+        problem = check_signature(function, spec.params, args, f"{where}.{key} {reference}")
+        if problem is not None:
+            problems.append(problem)
+        elif key == "model" and checkpoint is not None:
+            problems += _fit_problems(function, spec, checkpoint, where)
+    if spec.loss not in LOSSES:
+        try:
+            load_callable(spec.loss, f"{where}.loss")
+        except TaskError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _fit_problems(
+    builder: Callable[..., Any], spec: TaskSpec, checkpoint: Checkpoint, where: str
+) -> list[str]:
+    """Tensors of ``checkpoint`` that the task's model lacks or holds in another shape."""
+    try:
+        with torch.device("meta"):
+            model = builder(**_task_kwargs(builder, spec.params))
+    except Exception:  # a builder that needs real tensors: the run checks it when it loads
+        return []
+    if not isinstance(model, nn.Module):
+        return [f"{where}.model: {spec.model} returned {type(model).__name__}, not an nn.Module"]
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = []
+    for name in checkpoint.tensor_names():
+        shape = tuple(checkpoint.info(name).shape)
+        if name not in expected:
+            found.append(f"tensor {name!r} is not in the model")
+        elif shape != expected[name]:
+            found.append(
+                f"tensor {name!r} has shape {list(shape)}, the model expects {list(expected[name])}"
+            )
+    if not found:
+        return []
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return [
+        f"{checkpoint.source}: does not fit {where}.model {spec.model} "
+        f"(params {spec.params}): " + "; ".join(found[:3]) + more
+    ]
 
 
 @dataclass(frozen=True)
@@ -118,7 +207,7 @@ class Task:
         if self.spec.model == "transformers":
             return _transformers_model(checkpoint)
         builder = load_callable(self.spec.model, "task.model")
-        model = _call_with_params(builder, self.spec.params)
+        model = _call_with_params(builder, self.spec.params, f"task.model {self.spec.model}")
         if not isinstance(model, nn.Module):
             raise TaskError(
                 f"task.model: {self.spec.model} returned {type(model).__name__}, not an nn.Module"
@@ -142,7 +231,7 @@ class Task:
         if self.spec.data is None:
             raise TaskError("task.data: this stage needs data")
         function = load_callable(self.spec.data, "task.data")
-        return _call_with_params(function, self.spec.params, split)
+        return _call_with_params(function, self.spec.params, f"task.data {self.spec.data}", split)
 
     @property
     def loss(self) -> LossFn:

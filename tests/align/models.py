@@ -1,7 +1,8 @@
 """Small architectures for the alignment tests (task.model / task.data targets).
 
-A BatchNorm CNN on the 8x8 digits images (conv maps flattened into a linear layer) and a
-torchvision-style ResNet (BasicBlocks, a downsampling stage). Referenced from tests as
+A BatchNorm CNN on the 8x8 digits images (conv maps flattened into a linear layer), a
+deeper one (four conv blocks, global average pooling) and a torchvision-style ResNet
+(BasicBlocks, a downsampling stage). Referenced from tests as
 ``f"{MODELS}:build_cnn"``.
 """
 
@@ -37,6 +38,20 @@ def build_cnn(width: int = 8) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(2 * width * 6 * 6, 10),
     )
+
+
+def build_bn_cnn4(widths: tuple[int, ...] = (32, 32, 64, 64), classes: int = 10) -> nn.Sequential:
+    """A VGG-like BatchNorm CNN on [B, 1, 8, 8] images: conv blocks (3x3 conv, BatchNorm,
+    ReLU; 2x2 max-pool after the second), global average pooling, linear -> classes."""
+    layers: list[nn.Module] = []
+    channels = 1
+    for index, width in enumerate(widths):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        if index == 1:
+            layers.append(nn.MaxPool2d(2))
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes)]
+    return nn.Sequential(*layers)
 
 
 class BasicBlock(nn.Module):

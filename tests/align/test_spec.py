@@ -87,6 +87,40 @@ def test_resnet_spec_shares_the_residual_stream(models):
     assert _axes(derive_spec(model, example)) == _axes(spec)
 
 
+def _statistics(spec: PermutationSpec) -> set[str]:
+    return {a.tensor for g in spec.groups for a in g.axes if a.statistic}
+
+
+@pytest.mark.parametrize("name", ["bn_mlp", "cnn", "resnet"])
+def test_running_statistics_are_marked_in_every_derived_spec(models, name):
+    """BatchNorm running mean/var (and only they) are statistics, left out of weight
+    matching's cost; chain/resnet (from names) and auto (from buffers) agree."""
+    model, example = models[name]
+    checkpoint = InMemoryCheckpoint(model.state_dict())
+    built = resnet_spec(checkpoint) if name == "resnet" else chain_spec(checkpoint, _order(model))
+    expected = {
+        n for n, _ in model.named_buffers() if n.endswith((".running_mean", ".running_var"))
+    }
+    assert expected and _statistics(built) == expected
+    assert _statistics(derive_spec(model, example)) == expected
+
+
+def test_spec_file_statistics_default_from_names(tmp_path, models):
+    model, _ = models["bn_mlp"]
+    checkpoint = InMemoryCheckpoint(model.state_dict())
+    axes = [
+        {"tensor": "layers.0.weight", "axis": 0},
+        {"tensor": "layers.1.weight", "axis": 0},
+        {"tensor": "layers.1.running_mean", "axis": 0},
+        {"tensor": "layers.1.running_var", "axis": 0, "statistic": False},
+        {"tensor": "layers.3.weight", "axis": 1},
+    ]
+    path = tmp_path / "bn.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "h0", "axes": axes}]}))
+    spec = load_spec_file(path, checkpoint)
+    assert [a.statistic for a in spec.groups[0].axes] == [False, False, True, False, False]
+
+
 def test_llama_spec_with_grouped_kv_heads(example_models):
     from transformers import LlamaConfig, LlamaForCausalLM
 

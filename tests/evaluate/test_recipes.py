@@ -52,3 +52,23 @@ def test_recipe(name, cli, connectivity_models, tiny_llamas, tmp_path, monkeypat
         perplexities = [values["perplexity", n] for n in ("base", "math", "code", "merged")]
         assert all(200 < p < 300 for p in perplexities)  # untrained, 256-token vocabulary
         assert 0.4 < values["sign_conflicts", "math, code"] < 0.6  # independent random deltas
+
+
+def test_eval_without_a_destination_writes_nothing(cli, connectivity_models, tmp_path, monkeypatch):
+    """`merge-cli eval` with no --report, no --merged and no save.path leaves the working
+    directory as it found it (it used to get evaluation.json and the barrier plot)."""
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    tasks = REPO / "recipes" / "tasks" / "digits.py"
+    overrides = [
+        *("--set", f"models.mlp_a={connectivity_models['mlp_a']}"),
+        *("--set", f"models.mlp_b={connectivity_models['mlp_b']}"),
+        *("--set", f"task.model={tasks}:build_mlp", "--set", f"task.data={tasks}:data"),
+    ]
+    code, out, err = cli("eval", REPO / "recipes/evaluate/barrier.yaml", *overrides, "--json")
+    assert code == 0, out + err
+    payload = json.loads(out)
+    assert payload["report"] is None
+    assert {row["metric"] for row in payload["evaluation"]} >= {"loss_barrier", "accuracy"}
+    assert list(empty.iterdir()) == []

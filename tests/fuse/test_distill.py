@@ -155,6 +155,29 @@ def test_init_errors(member_files, tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(
+    "params, code, message",
+    [
+        ({"init": "nothing"}, 1, "'nothing' is neither a model"),
+        ({"init_models": ["nobody"]}, 1, "fuse.params.init_models: no model named 'nobody'"),
+        ({"init_params": {"normalize": "maybe"}}, 2, "fuse.params.init: fuse.params.normalize"),
+    ],
+)
+def test_validate_refuses_what_a_run_would_refuse(
+    member_files, tmp_path, monkeypatch, cli, params, code, message
+):
+    """``validate`` reads no tensor data but refuses the init a run would refuse, with the
+    same exit code and message."""
+    monkeypatch.chdir(REPO)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(distill_recipe(member_files, tmp_path / "out", **params)))
+    for command in ("validate", "plan", "run"):
+        got, out, _ = cli(command, str(recipe), "--json")
+        assert got == code, (command, out)
+        assert message in json.loads(out)["error"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_distil_two_causal_lms_into_one(tiny_llamas, tmp_path):
     (tmp_path / "tokens.py").write_text(
         "import torch\n\n"
@@ -186,3 +209,24 @@ def test_distil_two_causal_lms_into_one(tiny_llamas, tmp_path):
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     student = merge_cli.load(result.output)  # config.json -> transformers
     assert type(student).__name__ == "LlamaForCausalLM"
+
+
+def test_keeping_the_initial_student_is_reported(member_files, tmp_path, monkeypatch):
+    """A learning rate that diverges from a good linear init: keep_best keeps epoch 0, and
+    the run says so (note and report) instead of passing it off as a trained student."""
+    monkeypatch.chdir(REPO)
+    progress = Notes()
+    recipe = distill_recipe(member_files, tmp_path / "student", epochs=2, lr=5.0)
+    result = run(recipe_from_dict(recipe), RunOptions(progress=progress))
+    assert result.report["kept_epoch"] == 0
+    history = result.report["history"]
+    assert all(h["val_loss"] > history[0]["val_loss"] for h in history[1:])
+    assert any("keep_best kept epoch 0, the initial student unchanged" in n for n in progress.notes)
+
+
+def test_kept_epoch_is_the_first_lowest_val_loss_or_the_last():
+    from merge_cli.fuse.ensembles.distill import kept_epoch
+
+    history = [{"epoch": e, "val_loss": v} for e, v in enumerate([0.5, 0.3, 0.3, 0.4])]
+    assert kept_epoch(history, keep_best=True) == 1
+    assert kept_epoch(history, keep_best=False) == 3

@@ -181,6 +181,20 @@ def test_weights_for_some_members_only_is_an_error(member_files, tmp_path, monke
     assert not (tmp_path / "out").exists()
 
 
+def test_validate_refuses_weights_for_some_members_only(member_files, tmp_path, monkeypatch, cli):
+    """What a run refuses from the recipe alone, validate and plan refuse too (exit 1)."""
+    monkeypatch.chdir(REPO)
+    raw = ensemble_recipe(member_files, tmp_path / "out")
+    raw["fuse"]["models"] = {"s1": {"weight": 1.0}, "s2": {}, "s3": {}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    for command in ("validate", "plan"):
+        code, out, _ = cli(command, str(recipe), "--json")
+        assert code == 1, out
+        assert "missing for s2, s3" in json.loads(out)["error"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_is_never_half_written(member_files, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"

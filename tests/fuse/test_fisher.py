@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -14,6 +15,7 @@ from merge_cli.fuse.datamerge.fisher import diagonal_fisher, fisher_average
 from merge_cli.options import RunOptions
 from merge_cli.pipeline import run
 from merge_cli.save import REPORT_FILE
+from tests.conftest import single_thread
 from tests.fuse import datamerge_models as dm
 from tests.fuse.datamerge_models import one_thread  # noqa: F401 - autouse fixture
 
@@ -191,3 +193,38 @@ def test_read_only_copy_is_not_needed_for_a_rerun(tmp_path, models):
     recipe = dm.recipe(tmp_path, moved, TASKS, "fisher", tmp_path / "out2", hidden=6)
     result = run(recipe_from_dict(recipe), RunOptions())
     assert all(s["cached"] for s in result.report["statistics"].values())
+
+
+def test_cache_false_writes_no_cache(tmp_path, models, monkeypatch):
+    """`cache: false`: same merge, and no statistics file anywhere (beside the models or in
+    the fallback directory)."""
+    fallback = tmp_path / "fallback-cache"
+    monkeypatch.setenv("MERGE_CLI_CACHE", str(fallback))
+    uncached = dm.recipe(tmp_path, models, TASKS, "fisher", tmp_path / "a", hidden=6, cache=False)
+    result = run(recipe_from_dict(uncached), RunOptions())
+    assert not list(tmp_path.rglob(".merge-cli-cache")) and not fallback.exists()
+    assert [s["file"] for s in result.report["statistics"].values()] == [None, None]
+    cached = dm.recipe(tmp_path, models, TASKS, "fisher", tmp_path / "b", hidden=6)
+    reference = dm.state(run(recipe_from_dict(cached), RunOptions()).output)
+    assert list(tmp_path.rglob(".merge-cli-cache"))  # the default does cache
+    merged = dm.state(result.output)
+    assert all(torch.equal(merged[name], reference[name]) for name in reference)
+
+
+def test_threads_option_reaches_whole_model_methods(tmp_path, models, monkeypatch):
+    """--threads sets torch's threads for a whole-model method's fuse too."""
+    from merge_cli.fuse import METHODS
+
+    seen = []
+    fisher = METHODS["fisher"]
+
+    def fuse(recipe, checkpoints, options):
+        seen.append(torch.get_num_threads())
+        return fisher.fuse(recipe, checkpoints, options)
+
+    monkeypatch.setitem(METHODS, "fisher", dataclasses.replace(fisher, fuse=fuse))
+    recipe = dm.recipe(tmp_path, models, TASKS, "fisher", tmp_path / "out", hidden=6)
+    with single_thread():  # torch's threads outside the run: 1
+        run(recipe_from_dict(recipe), RunOptions(threads=2))
+        assert torch.get_num_threads() == 1  # restored afterwards
+    assert seen == [2]

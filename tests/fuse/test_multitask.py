@@ -83,3 +83,30 @@ def test_example_recipes_run(recipe, multitask, cli, tmp_path, monkeypatch):
     names = open_checkpoint(str(tmp_path / "out")).tensor_names()
     assert "trunk.0.weight" in names and "heads.wine.head.weight" in names
     assert "head.weight" not in names
+
+
+PER_TENSOR_RECIPES = sorted((REPO / "recipes" / "multitask").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", PER_TENSOR_RECIPES, ids=lambda path: path.stem)
+def test_per_tensor_recipes_keep_task_specific_heads(recipe, multitask, cli, tmp_path):
+    """task_arithmetic, TIES and the simple average run on models whose heads differ in
+    shape (2 and 3 classes) from the recipe alone."""
+    overrides = []
+    for name, path in multitask["paths"].items():
+        overrides += ["--set", f"models.{name}={path}"]
+    code, out, err = cli("run", recipe, *overrides, "--out", tmp_path / "out", "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["plan"]["method"] == recipe.stem
+    from merge_cli.io import open_checkpoint
+
+    merged = open_checkpoint(str(tmp_path / "out"))
+    assert merged.info("heads.wine.head.weight").shape == (3, 128)
+    assert merged.info("heads.parity.head.weight").shape == (2, 128)
+    assert merged.info("trunk.0.weight").shape == (128, 64)
+    assert "head.weight" not in merged.tensor_names()
+
+
+def test_ties_is_compared_from_its_recipe(multitask):
+    assert "ties" in multitask["results"]
+    assert 0.4 <= average(multitask, "ties") < average(multitask, "individual")

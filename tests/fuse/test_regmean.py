@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from merge_cli.config import recipe_from_dict
+from merge_cli.errors import RecipeError
 from merge_cli.fuse.datamerge.regmean import gram_matrices, regmean_weight
 from merge_cli.options import RunOptions
 from merge_cli.pipeline import run
@@ -125,3 +126,21 @@ def test_plan_states_the_gram_cache_size(tmp_path, cli):
     assert code == 0
     # per model: trunk.0 (64 inputs), trunk.2 and head (HIDDEN inputs), float32
     assert json.loads(out)["cache_bytes"] == len(TASKS) * (64**2 + 2 * HIDDEN**2) * 4
+
+
+def test_num_examples_all_uses_every_example(tmp_path):
+    """`num_examples: all` takes the whole split: the same Gram matrices as a count larger
+    than the split, different ones from a smaller count."""
+    models = dm.task_models(tmp_path / "models", TASKS, hidden=HIDDEN)
+
+    def merged(name: str, count) -> dict[str, torch.Tensor]:
+        recipe = dm.recipe(
+            tmp_path, models, TASKS, "regmean", tmp_path / name, HIDDEN, num_examples=count
+        )
+        return dm.state(run(recipe_from_dict(recipe), RunOptions()).output)
+
+    every = merged("all", "all")
+    assert torch.equal(every["trunk.0.weight"], merged("many", 10**6)["trunk.0.weight"])
+    assert not torch.equal(every["trunk.0.weight"], merged("few", 8)["trunk.0.weight"])
+    with pytest.raises(RecipeError, match="num_examples"):
+        merged("bad", "some")

@@ -31,6 +31,7 @@ from merge_cli.errors import TaskError
 from merge_cli.fuse.datamerge.heads import shared_trunk, with_heads
 from merge_cli.fuse.datamerge.model_data import (
     DataParams,
+    NumExamples,
     WeightParams,
     float_bytes,
     fused_names,
@@ -55,7 +56,9 @@ MICRO_BATCH = 16
 
 
 class FisherParams(DataParams):
-    num_examples: int = Field(256, ge=1, description="examples of each model's data to use")
+    num_examples: NumExamples = Field(
+        256, description="examples of each model's data to use (a number, or all)"
+    )
     labels: Literal["expected", "sampled", "empirical"] = Field(
         "expected",
         description="expected: exact expectation over the model's predicted classes (the "
@@ -66,7 +69,10 @@ class FisherParams(DataParams):
         False, description="divide each model's weight by the L2 norm of its Fisher"
     )
     split: str = Field("train", description="data split the Fisher is estimated on")
-    cache: bool = Field(True, description="reuse cached Fisher estimates")
+    cache: bool = Field(
+        True,
+        description="reuse and store Fisher estimates beside each model (false: no files)",
+    )
 
 
 def diagonal_fisher(
@@ -199,7 +205,11 @@ def fuse_fisher(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: Run
     report = {
         "method": "fisher",
         "statistics": {
-            name: {"file": str(files[name].path), "cached": files[name].hit} for name in names
+            name: {
+                "file": str(files[name].path) if files[name].path else None,
+                "cached": files[name].hit,
+            }
+            for name in names
         },
     }
     output = with_heads(merged, checkpoints, names, params.heads)
@@ -207,6 +217,8 @@ def fuse_fisher(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: Run
 
 
 def _cache_bytes(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> int:
+    if recipe.fuse is not None and recipe.fuse.params.get("cache") is False:
+        return 0
     return sum(
         float_bytes(checkpoints[name], checkpoints[name].tensor_names())
         for name in fused_names(recipe)

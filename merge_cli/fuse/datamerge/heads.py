@@ -1,44 +1,31 @@
-"""Task-specific heads: merge the shared trunk, keep every task's own head.
+"""Task-specific heads in data-aware methods: merge the shared trunk, keep every task's head.
 
-In multi-task merging each fine-tuned model carries a head for its own task (a classifier
-with its own number of classes), and only the shared trunk is merged: this is how task
-arithmetic (Ilharco et al. 2023), RegMean (Jin et al. 2023), AdaMerging (Yang et al. 2024)
-and FusionBench (Tang et al. 2024) evaluate merged models.
-
-A data-aware method's ``heads`` parameter names the head tensors (a glob, or ``re:`` + a
-regular expression, as in ``fuse.rules``). Those are never merged. The output holds the
-merged trunk under the original tensor names and each fused model's head tensors under
-``heads.<model>.<tensor>`` (the base model's head, if any, is dropped).
-:func:`task_state_dict` turns such an output back into the state dict of one task's model.
+The naming (``heads`` patterns, ``heads.<model>.<tensor>`` outputs) is the engine's
+(:mod:`merge_cli.engine.heads`), shared with the per-tensor methods. Here: the trunk a
+whole-model method merges, its output with the heads added back, and
+:func:`task_state_dict`, which turns such an output back into one task model's state dict.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from merge_cli.engine.heads import HEADS_PREFIX, head_output_name, is_head
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint
 
-HEADS_PREFIX = "heads."
-
-
-def is_head(name: str, pattern: str | None) -> bool:
-    """Whether tensor ``name`` belongs to a task-specific head."""
-    if pattern is None:
-        return False
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
-def head_output_name(model: str, tensor: str) -> str:
-    """Name of model ``model``'s head tensor ``tensor`` in a merged output."""
-    return f"{HEADS_PREFIX}{model}.{tensor}"
+__all__ = [
+    "HEADS_PREFIX",
+    "Trunk",
+    "head_output_name",
+    "is_head",
+    "shared_trunk",
+    "task_state_dict",
+    "with_heads",
+]
 
 
 def task_state_dict(merged: Mapping[str, torch.Tensor], model: str) -> dict[str, torch.Tensor]:

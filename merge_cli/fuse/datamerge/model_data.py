@@ -9,7 +9,7 @@ statistics from that model's own data.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,8 +79,14 @@ def task_of(recipe: Recipe, name: str, method: str) -> Task:
     return Task(spec)
 
 
-def take_examples(batches: Iterable[Batch], limit: int | None) -> list[Batch]:
-    """The first ``limit`` examples of ``batches`` (all when None), as batches."""
+#: How many examples of a model's data a statistic uses: a count, or ``all`` of the split.
+NumExamples = Annotated[int, Field(ge=1)] | Literal["all"]
+
+
+def take_examples(batches: Iterable[Batch], limit: int | Literal["all"] | None) -> list[Batch]:
+    """The first ``limit`` examples of ``batches`` (all when ``"all"`` or None), as batches."""
+    if limit == "all":
+        limit = None
     taken: list[Batch] = []
     count = 0
     for inputs, targets in batches:

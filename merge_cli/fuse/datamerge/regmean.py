@@ -30,6 +30,7 @@ from merge_cli.engine.method import ModelFuseResult, ModelMethod
 from merge_cli.fuse.datamerge.heads import shared_trunk, with_heads
 from merge_cli.fuse.datamerge.model_data import (
     DataParams,
+    NumExamples,
     WeightParams,
     fused_names,
     method_params,
@@ -58,9 +59,13 @@ class RegMeanParams(DataParams):
         le=1,
         description="scale of the Gram matrices' off-diagonal entries (1: exact regression)",
     )
-    num_examples: int = Field(256, ge=1, description="examples of each model's data to use")
+    num_examples: NumExamples = Field(
+        256, description="examples of each model's data to use (a number, or all)"
+    )
     split: str = Field("train", description="data split the Gram matrices are computed on")
-    cache: bool = Field(True, description="reuse cached Gram matrices")
+    cache: bool = Field(
+        True, description="reuse and store Gram matrices beside each model (false: no files)"
+    )
 
 
 @torch.no_grad()
@@ -167,7 +172,11 @@ def fuse_regmean(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: Ru
         "method": "regmean",
         "regressed_tensors": regressed,
         "statistics": {
-            name: {"file": str(files[name].path), "cached": files[name].hit} for name in names
+            name: {
+                "file": str(files[name].path) if files[name].path else None,
+                "cached": files[name].hit,
+            }
+            for name in names
         },
     }
     output = with_heads(merged, checkpoints, names, params.heads)
@@ -176,6 +185,8 @@ def fuse_regmean(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: Ru
 
 def _cache_bytes(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> int:
     """An upper bound: every 2-D ``*.weight`` is taken for a linear layer (in^2 float32)."""
+    if recipe.fuse is not None and recipe.fuse.params.get("cache") is False:
+        return 0
     total = 0
     for name in fused_names(recipe):
         for tensor in checkpoints[name].tensor_names():

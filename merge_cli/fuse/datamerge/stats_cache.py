@@ -10,7 +10,9 @@ so it travels with the checkpoint. Where that directory cannot be written (a rea
 mount, an in-memory checkpoint) it goes to ``$MERGE_CLI_CACHE`` or ``~/.cache/merge-cli``.
 Files are written under a temporary name and renamed, so an interrupted run never leaves a
 partial cache. Statistics are read back one tensor at a time (:func:`read_statistic`), so
-merging holds one layer's statistics per model in memory, not the whole model's.
+merging holds one layer's statistics per model in memory, not the whole model's. A method's
+``cache: false`` neither reads nor writes a cache: the statistics are computed and held in
+memory for the merge, and nothing is left on disk.
 """
 
 from __future__ import annotations
@@ -90,16 +92,23 @@ def cache_dirs(checkpoint: Checkpoint) -> list[Path]:
 
 @dataclass(frozen=True)
 class CachedStatistics:
-    """A statistics file and whether it was read from the cache (``hit``) or computed."""
+    """A statistics file and whether it was read from the cache (``hit``) or computed; or,
+    without a cache, the statistics themselves (``path`` None)."""
 
-    path: Path
+    path: Path | None
     hit: bool
+    tensors: Mapping[str, torch.Tensor] | None = None
 
     def names(self) -> list[str]:
+        if self.tensors is not None:
+            return list(self.tensors)
         with safe_open(str(self.path), framework="pt") as handle:
             return list(handle.keys())  # noqa: SIM118 - safe_open is not a dict
 
     def read(self, name: str) -> torch.Tensor:
+        if self.tensors is not None:
+            return self.tensors[name]
+        assert self.path is not None
         return read_statistic(self.path, name)
 
 
@@ -118,14 +127,16 @@ def cached_statistics(
 ) -> CachedStatistics:
     """Read ``<kind>-<key>.safetensors`` from a cache directory, or compute and store it.
 
-    With ``use_cache`` false the statistics are always computed (and written to the cache
-    directory, so a later cached run can use them).
+    With ``use_cache`` false the statistics are computed and kept in memory: no cache is
+    read or written.
     """
     file_name = f"{kind}-{key}.safetensors"
-    if use_cache:
-        for directory in cache_dirs(checkpoint):
-            if (directory / file_name).is_file():
-                return CachedStatistics(directory / file_name, hit=True)
+    if not use_cache:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in compute().items()}
+        return CachedStatistics(None, hit=False, tensors=tensors)
+    for directory in cache_dirs(checkpoint):
+        if (directory / file_name).is_file():
+            return CachedStatistics(directory / file_name, hit=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in compute().items()}
     info = {"merge_cli": json.dumps(metadata or {}, sort_keys=True, default=str)}
     last_error: OSError | None = None

@@ -178,6 +178,14 @@ def distill(
     return student.eval(), history
 
 
+def kept_epoch(history: list[dict[str, float]], keep_best: bool) -> int:
+    """The epoch whose student :func:`distill` returns: the first with the lowest val loss
+    (``keep_best``; 0 is the initial student), else the last."""
+    if not keep_best:
+        return int(history[-1]["epoch"])
+    return int(min(history, key=lambda check: check["val_loss"])["epoch"])
+
+
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
@@ -194,17 +202,12 @@ def initial_student(
     options: RunOptions,
 ) -> nn.Module:
     """The student before training: one named model, or the members merged by a fuse method."""
+    check_init(recipe, params)
     if params.init in recipe.models:
         spec = recipe.task_for(params.init)
-        if spec is None or spec.model is None:
-            raise TaskError(f"models.{params.init}: the student needs task.model")
+        assert spec is not None
         return Task(spec).load_model(checkpoints[params.init], options.device)
-    method = INIT_METHODS.get(params.init)
-    if method is None:
-        raise PlanError(
-            f"fuse.params.init: {params.init!r} is neither a model ({', '.join(recipe.models)}) "
-            f"nor a merge method ({', '.join(INIT_METHODS)})"
-        )
+    method = INIT_METHODS[params.init]
     merged_models = params.init_models or names
     with tempfile.TemporaryDirectory(prefix="merge-cli-distill-") as scratch:
         path = merge_to(recipe, checkpoints, method, merged_models, params, scratch, options)
@@ -223,6 +226,15 @@ def merge_to(
     options: RunOptions,
 ) -> Path:
     """Run the init merge (validated like a recipe of its own) into ``scratch``."""
+    sub = init_recipe(recipe, method, models, params, Path(scratch) / "init")
+    return fuse_models(sub, method, checkpoints, replace(options, overwrite=False)).output
+
+
+def init_recipe(
+    recipe: Recipe, method: Method, models: list[str], params: DistillParams, output: Path
+) -> Recipe:
+    """The recipe of the merge that initialises the student, checked like any recipe's fuse
+    section (problems are reported under ``fuse.params.init``)."""
     assert recipe.fuse is not None
     source = "fuse.params.init"
     raw = recipe.model_dump(mode="json", exclude_defaults=True)
@@ -236,12 +248,47 @@ def merge_to(
     }
     if recipe.fuse.base is not None:
         raw["fuse"]["base"] = recipe.fuse.base
-    raw["save"] = {"path": str(Path(scratch) / "init"), "dtype": "float32", "model_card": False}
+    raw["save"] = {"path": str(output), "dtype": "float32", "model_card": False}
     sub = parse_recipe(raw, source)
     problems = check_fuse_section(sub, method)
     if problems:
         raise RecipeError(source, problems)
-    return fuse_models(sub, method, checkpoints, replace(options, overwrite=False)).output
+    return sub
+
+
+def distill_params(recipe: Recipe) -> DistillParams:
+    """The recipe's distillation parameters (whole-model: no per-tensor rules)."""
+    spec = recipe.fuse
+    assert spec is not None
+    if spec.rules:
+        raise PlanError(
+            "fuse.rules: distill is a whole-model method; per-tensor rules do not apply"
+        )
+    return DistillParams.model_validate(
+        {k: v for k, v in spec.params.items() if k in DistillParams.model_fields}
+    )
+
+
+def check_init(recipe: Recipe, params: DistillParams | None = None) -> None:
+    """The student's starting point exists: a model with task.model, or a merge method over
+    models of the recipe."""
+    assert recipe.fuse is not None
+    params = params or distill_params(recipe)
+    for name in params.init_models or []:
+        if name not in recipe.models:
+            raise PlanError(f"fuse.params.init_models: no model named {name!r}")
+    if params.init in recipe.models:
+        spec = recipe.task_for(params.init)
+        if spec is None or spec.model is None:
+            raise TaskError(f"models.{params.init}: the student needs task.model")
+    elif params.init not in INIT_METHODS:
+        raise PlanError(
+            f"fuse.params.init: {params.init!r} is neither a model ({', '.join(recipe.models)}) "
+            f"nor a merge method ({', '.join(INIT_METHODS)})"
+        )
+    else:
+        models = params.init_models or recipe.fuse.model_names(list(recipe.models))
+        init_recipe(recipe, INIT_METHODS[params.init], models, params, Path("init"))
 
 
 def fuse_distill(
@@ -250,20 +297,12 @@ def fuse_distill(
     """Build the teacher ensemble and the student, distil; the student and its history."""
     spec = recipe.fuse
     assert spec is not None
-    if spec.rules:
-        raise PlanError(
-            "fuse.rules: distill is a whole-model method; per-tensor rules do not apply"
-        )
-    params = DistillParams.model_validate(
-        {k: v for k, v in spec.params.items() if k in DistillParams.model_fields}
-    )
+    params = distill_params(recipe)
+    check_init(recipe, params)
     per_model = {
         name: EnsembleModelParams.model_validate(spec.model_values(name))
         for name in spec.model_names(list(recipe.models))
     }
-    for name in params.init_models or []:
-        if name not in recipe.models:
-            raise PlanError(f"fuse.params.init_models: no model named {name!r}")
     names = list(per_model)
     members = load_members(recipe, checkpoints, names, options.device)
     ensemble_params = EnsembleParams(combine=params.combine)
@@ -290,10 +329,17 @@ def fuse_distill(
         causal=task.spec.loss == "causal_lm",
     )
     state = {name: tensor.detach().cpu() for name, tensor in student.state_dict().items()}
+    kept = kept_epoch(history, params.keep_best)
+    if kept == 0:
+        options.progress.note(
+            f"distill: no epoch improved on the initial student's val loss (init: "
+            f"{params.init}); keep_best kept epoch 0, the initial student unchanged"
+        )
     report = {
         "teacher": {"combine": params.combine, "weights": dict(zip(names, weights, strict=True))},
         "init": params.init,
         "history": history,
+        "kept_epoch": kept,
     }
     return ModelFuseResult(InMemoryCheckpoint(state, source="<distilled student>"), report)
 
@@ -309,4 +355,5 @@ METHOD = ModelMethod(
     min_models=2,
     fuse=fuse_distill,
     needs_task=True,
+    preflight=check_init,
 )

@@ -275,15 +275,22 @@ def held_out_scores(
     }
 
 
-def fuse_ensemble(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: RunOptions) -> Path:
-    """Write the ensemble directory at ``save.path``; return its path."""
-    assert recipe.fuse is not None and recipe.save is not None
-    params, per_model = method_params(recipe, METHOD)
-    names = list(per_model)
-    for name in names:
+def check_members(recipe: Recipe) -> None:
+    """Every member can be built (it has task.model) and the weights given are usable."""
+    _, per_model = method_params(recipe, METHOD)
+    for name in per_model:
         spec = recipe.task_for(name)
         if spec is None or spec.model is None:
             raise TaskError(f"models.{name}: an ensemble member needs task.model (how to build it)")
+    member_weights(per_model)
+
+
+def fuse_ensemble(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: RunOptions) -> Path:
+    """Write the ensemble directory at ``save.path``; return its path."""
+    assert recipe.fuse is not None and recipe.save is not None
+    check_members(recipe)
+    params, per_model = method_params(recipe, METHOD)
+    names = list(per_model)
     weights, fit = ensemble_weights(recipe, checkpoints, params, per_model, options.device)
     if fit["weights"] == "fitted":
         fitted, uniform = fit["held_out"], fit["held_out_uniform"]
@@ -352,4 +359,5 @@ METHOD = ModelMethod(
     min_models=2,
     fuse=fuse_ensemble,
     needs_task=True,
+    preflight=check_members,
 )
