@@ -58,8 +58,22 @@ def convert_mergekit(path: str | Path, out: str | None = None) -> dict[str, Any]
     return recipe
 
 
+#: The largest recipe read (a real one is a few kilobytes; a mergekit one with many slices,
+#: tens).
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def _read(path: str | Path, what: str) -> str:
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
     except OSError as error:
         raise RecipeError(str(path), [f"cannot read {what} ({error.strerror or error})"]) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(str(path), [f"{what} is larger than {MAX_RECIPE_BYTES} bytes"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            str(path), [f"{what} is not UTF-8 text (byte {error.start}: {data[error.start]:#04x})"]
+        ) from None

@@ -14,14 +14,18 @@ class MergeCliError(Exception):
 
 
 class RecipeError(MergeCliError):
-    """The recipe (or a `--set` override) is invalid. Lists every problem at once."""
+    """The recipe (or a `--set` override) is invalid. Lists every problem at once (the
+    first MAX_PROBLEMS of them: a hostile recipe may hold thousands)."""
 
     exit_code = 2
+    MAX_PROBLEMS = 50
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {p}" for p in problems]
+        lines = [f"{source}: {p}" for p in problems[: self.MAX_PROBLEMS]]
+        if len(problems) > self.MAX_PROBLEMS:
+            lines.append(f"{source}: ... and {len(problems) - self.MAX_PROBLEMS} more problems")
         super().__init__("\n".join(lines))
 
 

@@ -4,6 +4,7 @@ recipe)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from merge_cli.progress import NullProgress, Progress
 
@@ -19,3 +20,7 @@ class RunOptions:
     progress: Progress = field(default_factory=NullProgress)
     #: CPU threads for compute (None: all cores but one, at most 4; executor.compute_threads).
     threads: int | None = None
+    #: Files the output may not be or contain besides the inputs (the recipe file).
+    protected: tuple[Path, ...] = ()
+    #: Write outputs with NaN or infinite values instead of failing.
+    allow_nonfinite: bool = False

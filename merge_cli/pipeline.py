@@ -35,6 +35,7 @@ from merge_cli.io.adapters import open_model
 from merge_cli.io.checkpoint import Checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
+from merge_cli.save import check_output_target, input_paths
 from merge_cli.task import task_problems
 
 __all__ = [
@@ -105,6 +106,12 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
 def _run(recipe: Recipe, options: RunOptions) -> RunResult:
     started = time.perf_counter()
     checkpoints = open_models(recipe)
+    if recipe.fuse is not None and recipe.save is not None:
+        check_output_target(
+            Path(recipe.save.path),
+            [*input_paths(recipe, checkpoints), *options.protected],
+            options.overwrite,
+        )
     output = None
     summary = None
     report: dict[str, Any] = {}
@@ -156,11 +163,16 @@ def _run_evaluation(
     return rows, report
 
 
-def check(recipe: Recipe) -> None:
-    """Every check a run makes before reading tensor data: the inputs' headers, each model's
+def check(recipe: Recipe, protected: tuple[Path, ...] = ()) -> None:
+    """Every check a run makes before reading tensor data: the inputs' headers, the output
+    directory (never an input, nor ``protected``, nor a directory holding one), each model's
     task (its functions' signatures, its model against the checkpoint's headers), the
     vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
     opened = open_models(recipe)
+    if recipe.fuse is not None and recipe.save is not None:
+        check_output_target(
+            Path(recipe.save.path), [*input_paths(recipe, opened), *protected], overwrite=False
+        )
     problems = []
     for name, checkpoint in opened.items():
         spec = recipe.task_for(name)

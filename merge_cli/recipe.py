@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from typing import Any, Literal
 
 import yaml
@@ -77,6 +79,16 @@ class Rule(Strict):
     match: str = Field(description='glob on the tensor name, or "re:" + a regular expression')
     params: dict[str, Any] = Field(default_factory=dict)
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("match")
+    @classmethod
+    def _valid_regex(cls, value: str) -> str:
+        if value.startswith("re:"):
+            try:
+                re.compile(value[3:])
+            except re.error as error:
+                raise ValueError(f"invalid regular expression ({error})") from None
+        return value
 
 
 class FuseSpec(Strict):
@@ -188,15 +200,110 @@ class Recipe(Strict):
 # Parsing (schema only; cross-field checks: merge_cli.checks, via merge_cli.config)
 
 
+#: The deepest nesting a recipe may have (a real one has fewer than ten levels).
+MAX_DEPTH = 64
+#: The most values a recipe may hold once YAML aliases are expanded: an alias bomb (a few
+#: lines whose aliases expand to billions of values) is refused before anything walks it.
+MAX_VALUES = 100_000
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents nested deeper than MAX_DEPTH or holding more
+    than MAX_VALUES values once aliases are expanded (and recursive aliases)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _expanded_size(node, 1, {}, set())
+        return node
+
+
+def _expanded_size(node: Any, level: int, sizes: dict[int, tuple[int, int]], open_: set[int]):
+    """(values, height) of ``node`` with aliases expanded; refuses a document over the limits.
+
+    Aliased nodes are shared, so each is measured once (``sizes``); ``open_`` holds the
+    nodes on the current path, where meeting one again means a recursive alias."""
+    key = id(node)
+    if key in open_:
+        raise yaml.composer.ComposerError(None, None, "recursive alias", node.start_mark)
+    if key not in sizes:
+        children: list[Any] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        open_.add(key)
+        size, height = 1, 1
+        for child in children:
+            child_size, child_height = _expanded_size(child, level + 1, sizes, open_)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_VALUES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {MAX_VALUES} values once aliases are expanded",
+                    node.start_mark,
+                )
+        open_.discard(key)
+        sizes[key] = (size, height)
+    if level + sizes[key][1] - 1 > MAX_DEPTH:
+        raise yaml.composer.ComposerError(
+            None, None, f"nested deeper than {MAX_DEPTH} levels", node.start_mark
+        )
+    return sizes[key]
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` within MAX_DEPTH and MAX_VALUES."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise RecipeError(source, [f"{where}: invalid YAML: {error.problem}"]) from None
     except yaml.YAMLError as error:
-        raise RecipeError(source, [f"invalid YAML: {error}"]) from None
+        raise RecipeError(source, [f"invalid YAML: {_cut(str(error), 200)}"]) from None
+
+
+def non_finite_numbers(value: Any, where: str = "") -> list[str]:
+    """A problem for every NaN or infinite number in ``value`` (a parsed recipe): ``.nan``,
+    ``.inf`` and ``1e309`` are valid YAML but no valid weight, density or scale."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where or '(top level)'}: must be a finite number, got {value}"]
+    problems = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = _cut(str(key), 40)
+            problems += non_finite_numbers(item, f"{where}.{name}" if where else name)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            problems += non_finite_numbers(item, f"{where}[{i}]")
+    return problems
 
 
 def parse_recipe(
@@ -209,6 +316,9 @@ def parse_recipe(
     if not isinstance(raw, dict):
         raise RecipeError(source, [f"expected a mapping of sections, got {type(raw).__name__}"])
     raw = apply_overrides(raw, overrides or [], source)
+    problems = non_finite_numbers(raw)
+    if problems:
+        raise RecipeError(source, problems)
     if out is not None:
         raw.setdefault("save", {})
         if not isinstance(raw["save"], dict):
@@ -230,7 +340,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
             problems.append(f"--set {override!r}: expected KEY.PATH=VALUE")
             continue
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError:
             value = text
         node = raw
@@ -257,7 +367,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
 def format_validation_errors(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
-        loc = [str(part) for part in item["loc"]]
+        loc = [_cut(str(part), 40) for part in item["loc"]]
         where = ".".join(loc) or "(top level)"
         if item["type"] == "extra_forbidden":
             suggestion = _suggest(loc[-1]) if loc else ""
@@ -271,8 +381,12 @@ def format_validation_errors(error: ValidationError) -> list[str]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _cut(repr(value), 60)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit - 3`` characters and "..." when it is longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _suggest(key: str, candidates: list[str] | None = None) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from merge_cli.io.checkpoint import Checkpoint, TensorInfo
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.options import RunOptions
 from merge_cli.recipe import Recipe
+from merge_cli.task.ensemble import MANIFEST
 from merge_cli.version import __version__
 
 #: File in the output directory holding a whole-model method's report (learned coefficients).
@@ -38,6 +41,68 @@ COPY_TENSORS = TensorMethod(
     reference="merge-cli",
     merge=copy_first,
 )
+
+
+#: Files whose presence marks a directory as a checkpoint or ensemble merge-cli may replace.
+OUTPUT_MARKERS = ("model.safetensors.index.json", "model.safetensors", MANIFEST)
+#: How much of a README.md is read to see whether it is merge-cli's model card.
+CARD_PROBE_BYTES = 4096
+
+
+def input_paths(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> list[Path]:
+    """Every path a run reads its models from: each local reference and each checkpoint's
+    directory (a Hub model's snapshot directory included)."""
+    paths = [
+        Path(entry.path).expanduser()
+        for entry in recipe.models.values()
+        if not entry.path.startswith("hf://")
+    ]
+    paths += [c.directory for c in checkpoints.values() if c.directory is not None]
+    return paths
+
+
+def check_output_target(target: Path, protected: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an output directory that would destroy what the user did not ask to replace.
+
+    ``target`` may not be, or contain, any of ``protected`` (the inputs, the recipe): the
+    old directory is deleted when the new one is in place. With ``overwrite``, an existing
+    ``target`` must be an earlier merge-cli output (empty, or holding a merge-cli model
+    card, a safetensors checkpoint or an ensemble manifest).
+    """
+    real = Path(os.path.realpath(target))
+    for path in protected:
+        resolved = Path(os.path.realpath(path))
+        if real == resolved or real in resolved.parents:
+            relation = "is" if real == resolved else "contains"
+            raise OutputError(
+                f"{target}: the output directory {relation} {path}, an input of this run; "
+                "writing there would delete it; choose another --out"
+            )
+    if overwrite and target.is_dir() and not is_merge_cli_output(target):
+        raise OutputError(
+            f"{target}: exists and is not a merge-cli output (no merge-cli model card, "
+            "checkpoint or ensemble manifest); --overwrite only replaces an earlier output, "
+            "so remove this directory yourself or choose another --out"
+        )
+
+
+def is_merge_cli_output(directory: Path) -> bool:
+    """Whether ``directory`` is empty or looks like an output merge-cli wrote."""
+    try:
+        entries = {path.name: path for path in directory.iterdir()}
+    except OSError:
+        return False
+    if not entries or any(name in entries for name in OUTPUT_MARKERS):
+        return True
+    card = entries.get("README.md")
+    if card is None or not card.is_file():
+        return False
+    try:
+        with open(card, "rb") as handle:
+            head = handle.read(CARD_PROBE_BYTES)
+    except OSError:
+        return False
+    return b"merge-cli" in head
 
 
 def save_streaming(
@@ -62,7 +127,10 @@ def save_streaming(
         checkpoints[plan.config_source],
         options,
         ExecutionOptions(
-            device=options.device, chunk_bytes=options.chunk_bytes, threads=options.threads
+            device=options.device,
+            chunk_bytes=options.chunk_bytes,
+            threads=options.threads,
+            allow_nonfinite=options.allow_nonfinite,
         ),
         files=files,
     )
@@ -148,7 +216,12 @@ def save_checkpoint(
         {"merged": merged},
         checkpoints[source],
         options,
-        ExecutionOptions(device="cpu", chunk_bytes=options.chunk_bytes, threads=options.threads),
+        ExecutionOptions(
+            device="cpu",
+            chunk_bytes=options.chunk_bytes,
+            threads=options.threads,
+            allow_nonfinite=options.allow_nonfinite,
+        ),
         report,
         files,
     )

@@ -183,6 +183,96 @@ def test_cuda_request_without_cuda(cli, tiny_llamas, tmp_path):
     assert_failed(cli("run", recipe, "--device", "cuda"), "no CUDA device is available")
 
 
+def tiny_pair(tmp_path, poisoned=None):
+    """Two one-file checkpoints (``poisoned``: a value to put in the second) and a recipe."""
+    for seed in (1, 2):
+        weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed))
+        if seed == 2 and poisoned is not None:
+            weight[3, 1] = poisoned
+        save_file({"w": weight, "empty": torch.zeros(0, 4)}, str(tmp_path / f"m{seed}.safetensors"))
+    recipe = tmp_path / "pair.yaml"
+    recipe.write_text(
+        f"models: {{one: {tmp_path / 'm1.safetensors'}, two: {tmp_path / 'm2.safetensors'}}}\n"
+        f"fuse: {{method: linear}}\nsave: {{path: {tmp_path / 'out'}, dtype: float32}}\n"
+    )
+    return recipe
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_fail_unless_allowed(cli, tmp_path, value):
+    recipe = tiny_pair(tmp_path, poisoned=value)
+    assert_failed(
+        cli("run", recipe),
+        "tensor 'w' (rows 0-6): the merged values include NaN or infinity",
+        "the input two holds NaN or infinite values there",
+        "--allow-nonfinite",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m1.safetensors",
+        "m2.safetensors",
+        "pair.yaml",
+    ]
+    code, _, err = cli("run", recipe, "--allow-nonfinite")
+    assert code == 0, err
+    written = load_file(tmp_path / "out" / "model.safetensors")["w"]
+    assert not torch.isfinite(written[3, 1]) and torch.isfinite(written).sum() == 23
+
+
+def test_non_finite_recipe_numbers_never_reach_the_output(cli, tmp_path):
+    recipe = tiny_pair(tmp_path)
+    for value in (".nan", ".inf", "1e309"):
+        assert_failed(
+            cli("run", recipe, "--set", f"fuse.models={{one: {{weight: {value}}}, two: {{}}}}"),
+            "fuse.models.one.weight: must be a finite number",
+            code=2,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_errors_stay_on_one_line_and_escape_what_they_quote(cli, tmp_path):
+    recipe = tiny_pair(tmp_path)
+    long_name = "n" * 150
+    code, _, err = cli("run", recipe, "--set", f"fuse.method=[bold]{long_name}")
+    assert code == 2
+    line = next(line for line in err.splitlines() if "unknown fuse method" in line)
+    assert f"'[bold]{long_name}'" in line  # not wrapped at 80 columns, markup shown as text
+
+
+def test_a_lone_surrogate_in_a_name_is_a_message(cli, tmp_path):
+    recipe = tiny_pair(tmp_path)
+    code, _, err = cli("run", recipe, "--set", "models.three=/nowhere/\udce9.safetensors")
+    assert code == 1 and "no such file or directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--chunk-mb", "10" * 20), ("--threads", "10" * 9)])
+def test_absurd_resource_options_are_usage_errors(cli, tmp_path, option, value):
+    code, _, err = cli("run", tiny_pair(tmp_path), option, value)
+    assert code == 2 and option in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_sized_tensors_merge_with_every_method(cli, tmp_path):
+    recipe = tiny_pair(tmp_path)
+    for method in ("slerp", "ties", "dare_ties", "multislerp"):
+        extra = ["--set", "fuse.params.t=0.5"] if method == "slerp" else []
+        code, _, err = cli(
+            "run", recipe, "--set", f"fuse.method={method}", "--set", "fuse.base=one",
+            "--set", "fuse.models=[two]", *extra, "--overwrite",
+        )  # fmt: skip
+        assert code == 0, (method, err)
+        assert load_file(tmp_path / "out" / "model.safetensors")["empty"].shape == (0, 4)
+
+
+def test_a_model_named_with_a_lone_surrogate_merges_and_gets_a_card(cli, tmp_path):
+    recipe = tiny_pair(tmp_path)
+    code, _, err = cli(
+        "run", recipe, "--set", f"models.x\udce9={tmp_path / 'm1.safetensors'}",
+        "--set", "fuse.models=[one, two]",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "x\\udce9" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_methods_lists_parameter_choices_and_heads(cli):
     code, out, _ = cli("methods", "--json")
     assert code == 0

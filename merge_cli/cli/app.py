@@ -55,7 +55,8 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
     chunk_mb: Annotated[
-        int, typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1)
+        int,
+        typer.Option(help="Row-chunk budget per input tensor (MiB, float32).", min=1, max=4096),
     ] = 8,
     threads: Annotated[
         int | None,
@@ -63,8 +64,13 @@ def run(
             help="CPU threads for compute, every stage (default: all cores but one, at most 4, "
             "for streaming merges; torch's default for whole-model methods).",
             min=1,
+            max=1024,
         ),
     ] = None,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(help="Write the output even if merged tensors hold NaN or infinite values."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a recipe: load, (align), fuse, save, (evaluate)."""
@@ -87,6 +93,8 @@ def run(
             chunk_bytes=chunk_mb * 2**20,
             progress=RichProgress(not as_json),
             threads=threads,
+            protected=(recipe,),
+            allow_nonfinite=allow_nonfinite,
         )
         return run_pipeline(parsed, options)
 
@@ -180,7 +188,7 @@ def validate(
 
     def action() -> Any:
         parsed = load_recipe(recipe, set_, out)
-        check(parsed)
+        check(parsed, protected=(recipe,))
         return parsed
 
     parsed = guarded(as_json, action, "validate")

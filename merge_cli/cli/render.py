@@ -7,11 +7,15 @@ renders it. Errors are printed here too, so the commands share one format and ex
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -27,6 +31,11 @@ from merge_cli.errors import MergeCliError
 
 console = Console()
 errors = Console(stderr=True)
+#: Signals that end a run the way Ctrl-C does: timeout, docker stop, SLURM and Kubernetes
+#: preemption (SIGTERM), a closed terminal (SIGHUP).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 
 
 class RichProgress:
@@ -78,20 +87,49 @@ def fail(error: MergeCliError, as_json: bool, command: str | None = None) -> Non
             )
         )
     else:
-        errors.print(f"[bold red]error:[/bold red] {error}", highlight=False, markup=True)
+        # soft_wrap: one long line, as logs and CI want; lone surrogates (from undecodable
+        # file names) are shown escaped instead of failing to encode
+        text = str(error).encode("utf-8", "backslashreplace").decode("utf-8")
+        errors.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False, soft_wrap=True)
     raise typer.Exit(error.exit_code)
+
+
+@contextmanager
+def stop_signals_interrupt(received: list[int]) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt (as Ctrl-C does), so a
+    stopped run cleans up its staging directory and lock; the signal is appended to
+    ``received``. The previous handlers come back when the block ends. Outside the main
+    thread (where handlers cannot be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number: int, _frame: object) -> None:
+        received.append(number)
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def guarded(as_json: bool, action: Callable[[], Any], command: str | None = None) -> Any:
     """``action()``; a merge-cli error is printed (in the JSON envelope of ``command`` with
-    ``as_json``) and ends the command with the error's exit code."""
+    ``as_json``) and ends the command with the error's exit code. Ctrl-C, SIGTERM and SIGHUP
+    end it with 128 + the signal's number, after the action has cleaned up."""
+    received: list[int] = []
     try:
-        return action()
+        with stop_signals_interrupt(received):
+            return action()
     except MergeCliError as error:
         fail(error, as_json, command)
     except KeyboardInterrupt:
-        errors.print("[bold red]interrupted[/bold red]: nothing was written at the output path")
-        raise typer.Exit(130) from None
+        name = signal.Signals(received[0]).name if received else "interrupted"
+        errors.print(f"[bold red]{name}[/bold red]: nothing was written at the output path")
+        raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
 
 
 def human(n: float) -> str:

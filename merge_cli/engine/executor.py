@@ -53,6 +53,8 @@ class ExecutionOptions:
     prefetch: bool = True
     #: torch's CPU threads for compute; None: all cores but one (at most 4; compute_threads).
     threads: int | None = None
+    #: Write merged chunks holding NaN or infinite values instead of failing (--allow-nonfinite).
+    allow_nonfinite: bool = False
 
 
 def compute_threads(requested: int | None) -> int:
@@ -209,6 +211,8 @@ def execute(
             try:
                 if tensor.copy_from is not None:
                     result = raw[0].to(tensor.dtype)
+                elif not tensor.nbytes:  # a 0-sized tensor: nothing to merge
+                    result = torch.empty(tensor.shape, dtype=tensor.dtype)
                 else:
                     if unit.rows[0] == 0 or params is None:
                         params = run.params(tensor)
@@ -220,6 +224,8 @@ def execute(
                 raise
             except (ValueError, RuntimeError) as error:
                 raise PlanError(f"fuse ({method.name}): tensor {tensor.name!r}: {error}") from error
+            if not options.allow_nonfinite:
+                check_finite(tensor, unit.rows, result, raw, method.name)
             if tensor.quantize is not None:
                 quantizer.write(unit, result)
             else:
@@ -469,6 +475,33 @@ class _BackgroundWriter:
         if error_type is None:
             for future in self.pending:
                 future.result()
+
+
+def check_finite(
+    tensor: OutputTensor,
+    rows: tuple[int, int],
+    result: torch.Tensor,
+    raw: list[torch.Tensor],
+    method: str,
+) -> None:
+    """Refuse a merged chunk holding NaN or infinite values, naming the inputs that hold
+    some (the usual cause) or else the method."""
+    if not result.is_floating_point() or bool(torch.isfinite(result).all()):
+        return
+    bad = [
+        name
+        for (name, _), values in zip(tensor.sources, raw, strict=False)
+        if values.is_floating_point() and not bool(torch.isfinite(values).all())
+    ]
+    cause = (
+        f"the input {', '.join(dict.fromkeys(bad))} holds NaN or infinite values there"
+        if bad
+        else f"the method ({method}) produced them from finite inputs"
+    )
+    raise PlanError(
+        f"tensor {tensor.name!r} (rows {rows[0]}-{rows[1]}): the merged values include NaN or "
+        f"infinity; {cause}. Pass --allow-nonfinite to write them anyway"
+    )
 
 
 def _units(plan: MergePlan, method: TensorMethod, options: ExecutionOptions) -> list[_Unit]:

@@ -10,6 +10,7 @@ first value and tensors after the last layer (final norm, lm_head) the last.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -122,11 +123,16 @@ def validate_values(
                 continue
             items = value
         for item in items:
+            shown = repr(item) if len(repr(item)) <= 60 else repr(item)[:57] + "..."
             try:
-                adapter.validate_python(item)
+                valid = adapter.validate_python(item)
             except ValidationError as error:
                 detail = error.errors()[0]["msg"]
-                problems.append(f"{where}.{key}: {detail}, got {item!r}")
+                problems.append(f"{where}.{key}: {detail}, got {shown}")
+                break
+            # pydantic reads "nan", "inf" and "1e309" (YAML strings) as floats
+            if isinstance(valid, float) and not math.isfinite(valid):
+                problems.append(f"{where}.{key}: must be a finite number, got {shown}")
                 break
     return problems
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,53 @@ class FileRange:
     @property
     def nbytes(self) -> int:
         return prod(self.shape) * self.dtype.itemsize
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse anything but a regular file (after symlinks): a FIFO or a device named
+    ``model.safetensors`` would block a read forever or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot open ({error.strerror or error})") from error
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or directory)")
+
+
+def index_shard_files(index_path: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each confined to the index's directory.
+
+    A shard name must be a plain relative path inside that directory: an index naming
+    ``../other/secret.safetensors`` or an absolute path would otherwise pull another file's
+    tensors into the merge (a hostile Hub repository could name any guessable local file).
+    Symlinks inside the directory are followed as usual (the Hub cache is made of them).
+    """
+    require_regular_file(index_path)
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from error
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(name, str) for name in weight_map.values()
+    ):
+        raise CheckpointError(
+            f"{index_path}: not a valid shard index (weight_map must map tensor names to "
+            "shard file names)"
+        )
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        relative = Path(name)
+        if not name or relative.is_absolute() or ".." in relative.parts or "\0" in name:
+            raise CheckpointError(
+                f"{index_path}: names shard {name[:80]!r}, outside the model's directory; "
+                "refusing to read it"
+            )
+        file = index_path.parent / relative
+        if not file.exists():
+            raise CheckpointError(f"{index_path}: names shard {name[:80]}, which does not exist")
+        require_regular_file(file)
+        files.append(file)
+    return files
 
 
 def missing_tensor(source: str, name: str) -> CheckpointError:
@@ -180,6 +228,7 @@ def _close_all(descriptors: dict[Path, int]) -> None:
 
 def _read_safetensors_header(path: Path) -> list[tuple[TensorInfo, int]]:
     """Validate a safetensors file (header and length); list its tensors and data offsets."""
+    require_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             infos = []

@@ -7,12 +7,11 @@ written ``hf://org/name@revision``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from merge_cli.errors import CheckpointError
-from merge_cli.io.checkpoint import Checkpoint, SafetensorsCheckpoint
+from merge_cli.io.checkpoint import Checkpoint, SafetensorsCheckpoint, index_shard_files
 from merge_cli.io.torch_format import open_torch_checkpoint, torch_index_files
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -56,9 +55,7 @@ def _open_path(path: Path, source: str) -> Checkpoint:
             "(expected .safetensors, .bin, .pt or a directory)"
         )
     if (path / SAFETENSORS_INDEX).exists():
-        return SafetensorsCheckpoint(
-            _safetensors_index_files(path / SAFETENSORS_INDEX), source, path
-        )
+        return SafetensorsCheckpoint(index_shard_files(path / SAFETENSORS_INDEX), source, path)
     shards = sorted(path.glob("*.safetensors"))
     if shards:
         return SafetensorsCheckpoint(shards, source, path)
@@ -68,18 +65,6 @@ def _open_path(path: Path, source: str) -> Checkpoint:
     if torch_files:
         return open_torch_checkpoint(torch_files, source, path)
     raise CheckpointError(f"{source}: directory {path} holds no .safetensors, .bin or .pt weights")
-
-
-def _safetensors_index_files(index_path: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from error
-    files = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
-    for file in files:
-        if not file.exists():
-            raise CheckpointError(f"{index_path}: names shard {file.name}, which does not exist")
-    return files
 
 
 def parse_hub_reference(reference: str) -> tuple[str, str | None]:

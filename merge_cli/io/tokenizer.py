@@ -39,6 +39,11 @@ PLAIN_ADDED_TOKEN = {
 }
 
 
+#: Token ids must be below this (real vocabularies have at most a few hundred thousand): an
+#: id of 10**12 in a tokenizer.json would otherwise size the output vocabulary.
+MAX_TOKEN_IDS = 2**22
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """One tokenizer's tokens: every token string with its id, and which are added tokens."""
@@ -80,9 +85,9 @@ def read_vocabulary(directory: Path | None, model: str, source: str) -> Vocabula
     data = _read_json(path, f"model {model!r}")
     try:
         return vocabulary_from_json(data)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise CheckpointError(
-            f"model {model!r}: {path}: cannot read the vocabulary ({error}); "
+            f"model {model!r}: {path}: cannot read the vocabulary ({str(error)[:200]}); "
             "expected model.vocab (a token -> id mapping or a list of [token, score]) "
             "and an added_tokens list"
         ) from None
@@ -102,8 +107,8 @@ def vocabulary_from_json(data: dict[str, Any]) -> Vocabulary:
         content, token_id = str(entry["content"]), int(entry["id"])
         ids[content] = token_id
         added[content] = dict(entry)
-    if any(i < 0 for i in ids.values()):
-        raise ValueError("negative token id")
+    if any(not 0 <= i < MAX_TOKEN_IDS for i in ids.values()):
+        raise ValueError(f"a token id is out of range (0 to {MAX_TOKEN_IDS - 1})")
     return Vocabulary(ids, added)
 
 

@@ -7,14 +7,17 @@ containers and primitive values is ever unpickled.
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import torch
 
 from merge_cli.errors import CheckpointError
-from merge_cli.io.checkpoint import InMemoryCheckpoint
+from merge_cli.io.checkpoint import InMemoryCheckpoint, index_shard_files, require_regular_file
+
+#: The first torch whose ``weights_only=True`` loader has no known way to run code
+#: (CVE-2025-32434 before 2.6, CVE-2026-24747 before 2.10).
+SAFE_TORCH = (2, 10)
 
 #: Keys under which training frameworks nest the state dict (Lightning, many repos).
 NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -22,6 +25,8 @@ NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict from a ``.bin``/``.pt`` file without unpickling arbitrary objects."""
+    require_regular_file(path)
+    refuse_unsafe_torch(path)
     try:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -38,6 +43,22 @@ def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable PyTorch state dict ({error})") from error
     return _find_state_dict(path, loaded)
+
+
+def torch_version(version: str = torch.__version__) -> tuple[int, int]:
+    """``"2.13.0+cpu"`` -> ``(2, 13)``."""
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def refuse_unsafe_torch(path: Path, version: str = torch.__version__) -> None:
+    """Refuse to unpickle with a torch whose ``weights_only`` loader can be exploited."""
+    if torch_version(version) < SAFE_TORCH:
+        raise CheckpointError(
+            f"{path}: refusing to unpickle with torch {version}: its weights_only loader can "
+            f"run code from a crafted file; install torch>={SAFE_TORCH[0]}.{SAFE_TORCH[1]} "
+            "or convert the checkpoint to safetensors"
+        )
 
 
 def _find_state_dict(path: Path, loaded: object) -> dict[str, torch.Tensor]:
@@ -69,17 +90,4 @@ def open_torch_checkpoint(files: list[Path], source: str, directory: Path | None
 
 def torch_index_files(index_path: Path) -> list[Path]:
     """Shard files named by a ``pytorch_model.bin.index.json``."""
-    return _index_files(index_path)
-
-
-def _index_files(index_path: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from error
-    names = list(dict.fromkeys(weight_map.values()))
-    files = [index_path.parent / name for name in names]
-    for file in files:
-        if not file.exists():
-            raise CheckpointError(f"{index_path}: names shard {file.name}, which does not exist")
-    return files
+    return index_shard_files(index_path)

@@ -7,7 +7,8 @@ chunk being written, whatever ``shard_size`` is.
 
 Everything is written into a temporary sibling directory that is renamed into place only
 when complete, so an interrupted or failed run never leaves a half-written checkpoint at the
-target path.
+target path; the target is locked while it is written, and what dead runs left behind is
+cleaned up first (:mod:`merge_cli.io.staging`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from merge_cli.errors import OutputError
 from merge_cli.io.checkpoint import FileRange, TensorInfo
 from merge_cli.io.direct import BUFFER_BYTES, AppendFile, aligned_buffer
 from merge_cli.io.dtypes import TORCH_TO_SAFETENSORS
+from merge_cli.io.staging import TargetLock, move_into_place, recover_stale, staging_path
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -76,17 +78,40 @@ def preallocate(fd: int, size: int) -> None:
             raise OSError(code, os.strerror(code))
 
 
-def staging_path(target: Path, overwrite: bool) -> Path:
-    """The hidden sibling directory an output is written into before it is renamed to
-    ``target``; refuses a ``target`` that exists (unless ``overwrite``) or is not a directory."""
-    if target.exists() and not overwrite:
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse a ``target`` that exists (unless ``overwrite``) or is not a directory."""
+    if os.path.lexists(target) and not overwrite:
         raise OutputError(
             f"{target}: output already exists; pass --overwrite to replace it, "
             "or choose another --out"
         )
-    if target.exists() and not target.is_dir():
+    if os.path.lexists(target) and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a directory")
-    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
+def begin_staging(target: Path, overwrite: bool) -> tuple[TargetLock, Path]:
+    """Lock ``target``, clean up after dead runs on it, and create this run's staging
+    directory; the lock is released again if any of it fails."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"{target.parent}: cannot create ({error.strerror or error})") from error
+    lock = TargetLock(target)
+    lock.acquire()
+    temp = staging_path(target)
+    try:
+        recover_stale(target)
+        check_target(target, overwrite)
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
+    except OSError as error:
+        lock.release()
+        raise OutputError(f"{temp}: cannot write ({error.strerror or error})") from error
+    except BaseException:
+        lock.release()
+        raise
+    return lock, temp
 
 
 class ShardedWriter:
@@ -112,7 +137,9 @@ class ShardedWriter:
         self.shards = shards
         self.file_names = file_names
         self.overwrite = overwrite
-        self.temp = staging_path(target, overwrite)
+        check_target(target, overwrite)
+        self.temp = staging_path(target)
+        self._lock: TargetLock | None = None
         self._shard = -1
         self._handle: AppendFile | None = None
         self._buffer = aligned_buffer(buffer_bytes)
@@ -121,13 +148,7 @@ class ShardedWriter:
 
     # -- context manager -------------------------------------------------------------
     def __enter__(self) -> ShardedWriter:
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            if self.temp.exists():
-                shutil.rmtree(self.temp)
-            self.temp.mkdir()
-        except OSError as error:
-            raise self._os_error(error, self.temp) from error
+        self._lock, self.temp = begin_staging(self.target, self.overwrite)
         return self
 
     def __exit__(
@@ -144,11 +165,19 @@ class ShardedWriter:
             self._handle.abandon()
             self._handle = None
         shutil.rmtree(self.temp, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- writing ---------------------------------------------------------------------
     def write(self, name: str, data: torch.Tensor) -> None:
         """Append ``data`` (all of tensor ``name``, or its next row chunk) to the output."""
-        if not self._expected:
+        if not data.numel():
+            return  # a 0-sized tensor: its header entry is all there is
+        while not self._expected:
             self._open_next_shard()
         info, remaining = self._expected[0]
         if name != info.name or data.dtype != info.dtype:
@@ -167,7 +196,9 @@ class ShardedWriter:
         Without reading them here (:meth:`~merge_cli.io.direct.AppendFile.copy_from`): the
         kernel copies file to file, or, into a direct shard, straight into its buffer.
         """
-        if not self._expected:
+        if not source.nbytes:
+            return  # a 0-sized tensor: its header entry is all there is
+        while not self._expected:
             self._open_next_shard()
         info, remaining = self._expected[0]
         if name != info.name or source.dtype != info.dtype or source.nbytes > remaining:
@@ -185,8 +216,14 @@ class ShardedWriter:
             self._expected[0] = (info, remaining)
         else:
             self._expected.pop(0)
+            self._skip_empty()
             if not self._expected:
                 self._close_shard()
+
+    def _skip_empty(self) -> None:
+        """Drop the expected tensors of 0 bytes ahead: they need no data, and no write."""
+        while self._expected and self._expected[0][1] == 0:
+            self._expected.pop(0)
 
     def _open_next_shard(self) -> None:
         self._shard += 1
@@ -205,9 +242,9 @@ class ShardedWriter:
         except OSError as error:
             raise self._os_error(error, path) from error
         self._write_bytes(header)
-        # zero-byte tensors need no data
-        while self._expected and self._expected[0][1] == 0:
-            self._expected.pop(0)
+        self._skip_empty()
+        if not self._expected:  # a shard of 0-sized tensors only: its header is all of it
+            self._close_shard()
 
     def _write_bytes(self, payload: bytes | memoryview) -> None:
         assert self._handle is not None
@@ -228,7 +265,8 @@ class ShardedWriter:
     def write_text(self, relative: str, text: str) -> None:
         path = self.temp / relative
         try:
-            path.write_text(text)
+            # a name from the command line may hold lone surrogates (undecodable bytes)
+            path.write_text(text, encoding="utf-8", errors="backslashreplace")
         except OSError as error:
             raise self._os_error(error, path) from error
 
@@ -248,6 +286,8 @@ class ShardedWriter:
 
     def finish(self) -> Path:
         """Check that every planned byte was written, write the index, move into place."""
+        while not self._expected and self._shard < len(self.shards) - 1:
+            self._open_next_shard()  # trailing shards of 0-sized tensors only
         if self._shard != len(self.shards) - 1 or self._expected:
             raise AssertionError("writer: finished before every planned tensor was written")
         if len(self.shards) > 1:
@@ -260,9 +300,13 @@ class ShardedWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             self.write_text(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
         try:
-            move_into_place(self.temp, self.target)
+            move_into_place(self.temp, self.target, self.overwrite)
         except OSError as error:
             raise self._os_error(error, self.target) from error
+        except OutputError:
+            self.abort()
+            raise
+        self._release()
         return self.target
 
     def _os_error(self, error: OSError, path: Path) -> OutputError:
@@ -276,17 +320,6 @@ class ShardedWriter:
         return OutputError(f"{path}: cannot write ({reason}); nothing was written at {self.target}")
 
 
-def move_into_place(temp: Path, target: Path) -> None:
-    """Rename the finished ``temp`` directory to ``target``, replacing an old one."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(temp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, target)
-
-
 @contextmanager
 def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling of ``target`` to fill; renamed to ``target`` when the block succeeds.
@@ -296,17 +329,11 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target is never left half-written, and an existing target is replaced only with
     ``overwrite``.
     """
-    temp = staging_path(target, overwrite)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if temp.exists():
-            shutil.rmtree(temp)
-        temp.mkdir()
-    except OSError as error:
-        raise OutputError(f"{temp}: cannot write ({error.strerror or error})") from error
+    check_target(target, overwrite)
+    lock, temp = begin_staging(target, overwrite)
     try:
         yield temp
-        move_into_place(temp, target)
+        move_into_place(temp, target, overwrite)
     except OSError as error:
         shutil.rmtree(temp, ignore_errors=True)
         raise OutputError(
@@ -315,3 +342,5 @@ def staged_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    finally:
+        lock.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 
@@ -172,3 +173,54 @@ def test_hub_reference_uses_local_cache_offline(tiny_llamas, tmp_path, monkeypat
         open_checkpoint("hf://org/absent")
     with pytest.raises(CheckpointError, match="expected hf://org/name"):
         open_checkpoint("hf://just-a-name")
+
+
+@pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+@pytest.mark.parametrize("escape", ["../secret/model.safetensors", "ABSOLUTE", "sub/../../x"])
+def test_an_index_cannot_name_a_file_outside_its_directory(tmp_path, state, index, escape):
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    save_file({"stolen": torch.ones(3)}, str(secret / "model.safetensors"))
+    model = tmp_path / "model"
+    model.mkdir()
+    name = str(secret / "model.safetensors") if escape == "ABSOLUTE" else escape
+    (model / index).write_text(json.dumps({"weight_map": {"stolen": name}}))
+    with pytest.raises(CheckpointError, match="outside the model's directory; refusing"):
+        open_checkpoint(str(model))
+
+
+@pytest.mark.parametrize(
+    "weight_map", [["a.safetensors"], {"w": 3}, "model.safetensors", None, {"w": ["x"]}]
+)
+def test_an_index_of_the_wrong_shape_is_one_clear_error(tmp_path, state, weight_map):
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="not a valid shard index"):
+        open_checkpoint(str(tmp_path))
+
+
+def test_an_index_may_name_shards_in_a_subdirectory(tmp_path, state):
+    (tmp_path / "shards").mkdir()
+    save_file(state, str(tmp_path / "shards" / "one.safetensors"))
+    weight_map = dict.fromkeys(state, "shards/one.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert set(open_checkpoint(str(tmp_path)).tensor_names()) == set(state)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_a_fifo_named_like_weights_is_refused_not_waited_on(tmp_path, name):
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        open_checkpoint(str(tmp_path))
+
+
+def test_pickles_are_refused_below_the_safe_torch(tmp_path, state):
+    from merge_cli.io.torch_format import refuse_unsafe_torch, torch_version
+
+    assert torch_version("2.13.0+cpu") == (2, 13) and torch_version("2.9.1") == (2, 9)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    refuse_unsafe_torch(path, "2.10.0")
+    with pytest.raises(CheckpointError, match="refusing to unpickle with torch 2.5.1"):
+        refuse_unsafe_torch(path, "2.5.1")

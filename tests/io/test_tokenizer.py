@@ -83,3 +83,12 @@ def test_union_tokenizer_files_append_added_tokens(tmp_path):
     # a tokenizer_config.json without added_tokens_decoder (transformers 5) is left as it is
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     assert set(union_tokenizer_files(tmp_path, appended)) == {"tokenizer.json"}
+
+
+@pytest.mark.parametrize("token_id", [-1, 2**22, 10**12, "1e400", 1e400])
+def test_token_ids_out_of_range_are_one_message(tmp_path, token_id):
+    vocab = {"a": 0, "b": token_id}
+    text = json.dumps({"model": {"vocab": vocab}, "added_tokens": []}).replace("Infinity", "1e400")
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(CheckpointError, match="cannot read the vocabulary"):
+        read_vocabulary(tmp_path, "math", str(tmp_path))

@@ -160,3 +160,26 @@ def test_copy_range_appends_the_stored_bytes(tmp_path, tensors, monkeypatch, how
     copied = load_file(target / "model.safetensors")
     assert copied.keys() == tensors.keys()
     assert all(torch.equal(copied[name], tensors[name]) for name in tensors)
+
+
+def test_zero_sized_tensors_anywhere_in_a_shard_or_as_a_whole_shard(tmp_path):
+    tensors = {
+        "first": torch.zeros(0, 3),
+        "a": torch.arange(4.0),
+        "middle": torch.zeros(2, 0),
+        "b": torch.ones(2),
+        "last": torch.zeros(0),
+        "alone": torch.zeros(0, 5),
+    }
+    items = list(infos(tensors))
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    target = tmp_path / "out"
+    with ShardedWriter(target, [items[:5], items[5:]], names) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.finish()
+    loaded = {**load_file(target / names[0]), **load_file(target / names[1])}
+    assert {name: tuple(t.shape) for name, t in loaded.items()} == {
+        name: tuple(t.shape) for name, t in tensors.items()
+    }
+    assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
