@@ -157,7 +157,8 @@ def write_extras(
     config_source: Checkpoint,
     config_updates: dict[str, Any],
 ) -> None:
-    """Copy config/tokenizer files, apply config updates, write the model card."""
+    """Copy config/tokenizer files, apply config updates (and ``save.dtype`` as
+    config.json's ``torch_dtype``/``dtype``), write the model card."""
     assert recipe.save is not None
     directory = config_source.directory
     copied: set[str] = set()
@@ -174,13 +175,16 @@ def write_extras(
             if any(fnmatch.fnmatch(path.name, pattern) for pattern in recipe.save.copy_files):
                 writer.copy_file(path, path.name)
                 copied.add(path.name)
-    if config_updates:
-        if "config.json" not in copied:
-            raise OutputError(
-                f"{config_source.source}: no config.json to update with {config_updates}"
-            )
+    if config_updates and "config.json" not in copied:
+        raise OutputError(f"{config_source.source}: no config.json to update with {config_updates}")
+    updates = dict(config_updates)
+    if recipe.save.dtype != "keep" and "config.json" in copied:
+        # transformers reads `dtype` (>= 4.56) or `torch_dtype` (before): with both,
+        # from_pretrained(dtype="auto") loads the dtype the shards hold.
+        updates.update(torch_dtype=recipe.save.dtype, dtype=recipe.save.dtype)
+    if updates:
         config = json.loads((writer.temp / "config.json").read_text())
-        config.update(config_updates)
+        config.update(updates)
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
     if recipe.save.model_card:
         writer.write_text("README.md", model_card(recipe))
