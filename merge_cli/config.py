@@ -11,22 +11,57 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from merge_cli.checks import check_recipe
 from merge_cli.errors import RecipeError
 from merge_cli.mergekit import is_mergekit_config, translate_mergekit
 from merge_cli.recipe import Recipe, parse_recipe, parse_yaml
+from merge_cli.save import MERGEKIT_FILE, RECIPE_FILE
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, out: str | None = None
+    path: str | Path,
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    push_to_hub: str | None = None,
 ) -> Recipe:
     """Read, translate (a mergekit configuration), override and validate a recipe file;
-    raise :class:`RecipeError` listing every problem."""
+    raise :class:`RecipeError` listing every problem.
+
+    ``push_to_hub`` (``run --push-to-hub``) sets ``save.push_to_hub``'s repository, keeping
+    the file's other upload settings. The file as written is kept on the recipe
+    (:attr:`Recipe.origin`) and saved beside the weights: ``merge_recipe.yaml``, or, for a
+    mergekit configuration, ``mergekit_config.yml`` and the translated ``merge_recipe.yaml``.
+    """
     source = str(path)
-    raw = parse_yaml(_read(path, "the recipe"), source)
+    text = _read(path, "the recipe")
+    raw = parse_yaml(text, source)
+    files = {RECIPE_FILE: text}
     if is_mergekit_config(raw):
         raw = translate_mergekit(raw, source)
-    return recipe_from_dict(raw, source, overrides=overrides, out=out)
+        files = {
+            MERGEKIT_FILE: text,
+            RECIPE_FILE: f"# translated by merge-cli from {MERGEKIT_FILE}\n"
+            + yaml.safe_dump(raw, sort_keys=False),
+        }
+    if push_to_hub is not None:
+        raw = _with_push_target(raw, push_to_hub)
+    recipe = recipe_from_dict(raw, source, overrides=overrides, out=out)
+    recipe.origin.files.update(files)
+    return recipe
+
+
+def _with_push_target(raw: Any, repo_id: str) -> Any:
+    if not isinstance(raw, dict):
+        return raw  # parse_recipe reports it
+    raw = dict(raw)
+    save = raw.get("save")
+    save = dict(save) if isinstance(save, dict) else {}
+    current = save.get("push_to_hub")
+    save["push_to_hub"] = {**current, "repo_id": repo_id} if isinstance(current, dict) else repo_id
+    raw["save"] = save
+    return raw
 
 
 def recipe_from_dict(

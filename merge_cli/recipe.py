@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
@@ -20,6 +21,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -116,6 +118,19 @@ class EvalSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class PushSpec(Strict):
+    """Where ``save.push_to_hub`` uploads the finished output (a Hub model repository).
+
+    ``save.push_to_hub: org/name`` is short for ``{repo_id: org/name}``."""
+
+    repo_id: str = Field(description="the Hub model repository, org/name (created if absent)")
+    private: bool | None = Field(
+        None, description="create the repository private (absent: the Hub's default)"
+    )
+    revision: str | None = Field(None, description="branch to commit to (absent: main)")
+    commit_message: str | None = Field(None, description="message of the upload's commit")
+
+
 class SaveSpec(Strict):
     path: str
     dtype: Literal["float32", "float16", "bfloat16", "keep"] = "keep"
@@ -132,7 +147,12 @@ class SaveSpec(Strict):
         ]
     )
     model_card: bool = True
-    push_to_hub: str | None = None
+    push_to_hub: PushSpec | None = None
+
+    @field_validator("push_to_hub", mode="before")
+    @classmethod
+    def _repo_id_alone(cls, value: Any) -> Any:
+        return {"repo_id": value} if isinstance(value, str) else value
 
     @field_validator("shard_size")
     @classmethod
@@ -140,6 +160,16 @@ class SaveSpec(Strict):
         if value <= 0:
             raise ValueError("must be a positive size such as 5GB or 500MB")
         return value
+
+
+@dataclass
+class RecipeOrigin:
+    """What a recipe was read from, set by :mod:`merge_cli.config`: the user's own files as
+    written (name in the output directory -> text, saved beside the weights) and notes for
+    the user (a mergekit value that has no effect in merge-cli, as in mergekit)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Recipe(Strict):
@@ -151,6 +181,12 @@ class Recipe(Strict):
     fuse: FuseSpec | None = None
     evaluate: list[EvalSpec] = Field(default_factory=list)
     save: SaveSpec | None = None
+    _origin: RecipeOrigin = PrivateAttr(default_factory=RecipeOrigin)
+
+    @property
+    def origin(self) -> RecipeOrigin:
+        """The files the recipe was read from and the warnings for the user (not schema)."""
+        return self._origin
 
     def task_for(self, name: str | None) -> TaskSpec | None:
         """A model's own task if it has one, else the recipe's."""
@@ -259,6 +295,16 @@ def _suggest(key: str, candidates: list[str] | None = None) -> str:
 
 def _known_keys() -> list[str]:
     keys: set[str] = set()
-    for model in (Recipe, TaskSpec, ModelEntry, AlignSpec, Rule, FuseSpec, EvalSpec, SaveSpec):
+    for model in (
+        Recipe,
+        TaskSpec,
+        ModelEntry,
+        AlignSpec,
+        Rule,
+        FuseSpec,
+        EvalSpec,
+        SaveSpec,
+        PushSpec,
+    ):
         keys.update(model.model_fields)
     return sorted(keys)

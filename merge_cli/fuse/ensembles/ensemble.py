@@ -343,6 +343,7 @@ def portable_task(spec: TaskSpec) -> dict[str, Any]:
 
 METHOD = ModelMethod(
     name="ensemble",
+    url="https://arxiv.org/abs/1612.01474",
     family="ensemble",
     summary="Combine the members' outputs (mean logits, mean probabilities, vote, or a weighted "
     "mixture fitted on val); saved as an ensemble directory.",

@@ -143,6 +143,7 @@ DellaLinearParams = task_vector_params("DellaLinearParams", normalize=False, res
 
 DELLA = TensorMethod(
     name="della",
+    url="https://arxiv.org/abs/2406.11617",
     family="weight_average",
     summary="Magnitude-ranked random drops (MagPrune), rescale, TIES sign election and mean.",
     reference="Deep et al. 2024, DELLA-Merging: magnitude-based sampling (MagPrune)",
@@ -155,6 +156,7 @@ DELLA = TensorMethod(
 
 DELLA_LINEAR = TensorMethod(
     name="della_linear",
+    url="https://arxiv.org/abs/2406.11617",
     family="weight_average",
     summary="Magnitude-ranked random drops (MagPrune), rescale, weighted sum onto the base.",
     reference="Deep et al. 2024, DELLA-Merging: magnitude-based sampling (MagPrune)",

@@ -71,6 +71,7 @@ def _merge(job: TensorJob, params: ModelStockParams, _models: Any, ratio: Any) -
 
 METHOD = TensorMethod(
     name="model_stock",
+    url="https://arxiv.org/abs/2403.19522",
     family="weight_average",
     summary="Move from the base toward the fine-tuned mean by a ratio set by their angle.",
     reference="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models",

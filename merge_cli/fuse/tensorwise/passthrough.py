@@ -136,6 +136,7 @@ def _plan_tensors(
 
 METHOD = TensorMethod(
     name="passthrough",
+    url="https://arxiv.org/abs/2312.15166",
     family="weight_average",
     summary="Copy one model's tensors, or stack layer ranges of several models into a deeper one.",
     reference="Kim et al. 2023, SOLAR 10.7B (depth up-scaling); mergekit passthrough",
