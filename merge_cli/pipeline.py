@@ -17,7 +17,7 @@ from typing import Any
 
 from merge_cli.align.stage import align_models, repair_output
 from merge_cli.engine.method import Method, ModelMethod
-from merge_cli.errors import CheckpointError
+from merge_cli.errors import CheckpointError, PublishError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.stage import (
@@ -29,14 +29,17 @@ from merge_cli.fuse.stage import (
     prepare_vocabulary,
 )
 from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.hub import push_blocker, push_folder
 from merge_cli.io.resolve import open_checkpoint
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
+from merge_cli.save import CardInputs, update_model_card
 
 __all__ = [
     "RunOptions",
     "RunResult",
     "check",
+    "check_publishing",
     "run_evaluation",
     "method_of",
     "open_models",
@@ -55,6 +58,8 @@ class RunResult:
     seconds: float
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    #: The URL of the Hub commit holding the output (``save.push_to_hub``).
+    commit_url: str | None = None
 
 
 def stage_names(recipe: Recipe) -> list[str]:
@@ -86,8 +91,10 @@ def method_of(recipe: Recipe) -> Method:
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
-    """Run every stage of ``recipe``."""
+    """Run every stage of ``recipe``; with ``save.push_to_hub``, upload the complete output
+    last (its card holding the evaluation results)."""
     options = options or RunOptions()
+    check_publishing(recipe)
     started = time.perf_counter()
     checkpoints = open_models(recipe)
     output = None
@@ -103,7 +110,30 @@ def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
         evaluation = evaluate_recipe(recipe, checkpoints, output, options)
-    return RunResult(output, summary, time.perf_counter() - started, evaluation, report)
+        if output is not None and recipe.fuse is not None:
+            update_model_card(
+                recipe, output, CardInputs(method_of(recipe), checkpoints), evaluation
+            )
+    commit_url = None
+    push = recipe.save.push_to_hub if recipe.save is not None else None
+    if push is not None and output is not None:
+        options.progress.note(f"uploading {output} to {push.repo_id}")
+        commit_url = push_folder(
+            output, push.repo_id, push.private, push.revision, push.commit_message
+        )
+    seconds = time.perf_counter() - started
+    return RunResult(output, summary, seconds, evaluation, report, commit_url)
+
+
+def check_publishing(recipe: Recipe) -> None:
+    """Refuse a ``save.push_to_hub`` this environment cannot honour (offline, no token)
+    before any merge work. A :class:`PublishError` (exit 1): the recipe is valid, the
+    machine cannot upload; the repository id itself is checked with the recipe (exit 2)."""
+    if recipe.save is None or recipe.save.push_to_hub is None:
+        return
+    blocker = push_blocker()
+    if blocker is not None:
+        raise PublishError(f"save.push_to_hub: {blocker}")
 
 
 def run_evaluation(
@@ -131,7 +161,9 @@ def run_evaluation(
 
 def check(recipe: Recipe) -> None:
     """Every check a run makes before reading tensor data: the inputs' headers, the
-    vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
+    vocabularies, and a streaming method's plan (names, shapes, dtypes); with
+    ``save.push_to_hub``, that an upload can start (online, a token)."""
+    check_publishing(recipe)
     checkpoints, _ = prepare_vocabulary(recipe, open_models(recipe))
     if recipe.fuse is not None:
         method = method_of(recipe)

@@ -42,6 +42,14 @@ SetOpt = Annotated[
 ]
 OutOpt = Annotated[str | None, typer.Option("--out", help="Output directory (sets save.path).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+PushOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        help="Upload the finished output to this Hub model repository, org/name "
+        "(sets save.push_to_hub; the token comes from HF_TOKEN or `hf auth login`).",
+    ),
+]
 
 
 @app.command()
@@ -60,9 +68,10 @@ def run(
             help="CPU threads for compute (default: all cores but one, at most 4).", min=1
         ),
     ] = None,
+    push_to_hub: PushOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a recipe: load, (align), fuse, save, (evaluate)."""
+    """Run a recipe: load, (align), fuse, save, (evaluate), (upload)."""
     from merge_cli.config import load_recipe
     from merge_cli.options import RunOptions
     from merge_cli.pipeline import run as run_pipeline
@@ -74,7 +83,7 @@ def run(
     gc.freeze()
 
     def action() -> Any:
-        parsed = load_recipe(recipe, set_, out)
+        parsed = load_recipe(recipe, set_, out, push_to_hub)
         _check_device(device)
         options = RunOptions(
             device=device,
@@ -93,6 +102,7 @@ def run(
         "plan": result.plan,
         "evaluation": result.evaluation,
         "report": result.report,
+        "commit_url": result.commit_url,
     }
     if as_json:
         print_json(payload)
@@ -110,6 +120,8 @@ def run(
         console.print(f"  report: {result.output / REPORT_FILE}")
     if result.evaluation:
         print_evaluation(result.evaluation)
+    if result.commit_url:
+        console.print(f"[green]✓[/green] uploaded: {result.commit_url}")
 
 
 @app.command("eval")
@@ -162,14 +174,18 @@ def _check_device(device: str) -> None:
 
 @app.command()
 def validate(
-    recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    push_to_hub: PushOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check a recipe and its inputs' headers without reading any tensor data."""
     from merge_cli.config import load_recipe
     from merge_cli.pipeline import check
 
     def action() -> Any:
-        parsed = load_recipe(recipe, set_, out)
+        parsed = load_recipe(recipe, set_, out, push_to_hub)
         check(parsed)
         return parsed
 
