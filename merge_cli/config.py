@@ -15,7 +15,7 @@ import yaml
 
 from merge_cli.checks import check_recipe
 from merge_cli.errors import RecipeError
-from merge_cli.mergekit import is_mergekit_config, translate_mergekit
+from merge_cli.mergekit import is_mergekit_config, translate_with_warnings
 from merge_cli.recipe import Recipe, parse_recipe, parse_yaml
 from merge_cli.save import MERGEKIT_FILE, RECIPE_FILE
 
@@ -25,6 +25,7 @@ def load_recipe(
     overrides: list[str] | None = None,
     out: str | None = None,
     push_to_hub: str | None = None,
+    require_output: bool = True,
 ) -> Recipe:
     """Read, translate (a mergekit configuration), override and validate a recipe file;
     raise :class:`RecipeError` listing every problem.
@@ -33,13 +34,18 @@ def load_recipe(
     the file's other upload settings. The file as written is kept on the recipe
     (:attr:`Recipe.origin`) and saved beside the weights: ``merge_recipe.yaml``, or, for a
     mergekit configuration, ``mergekit_config.yml`` and the translated ``merge_recipe.yaml``.
+    ``require_output=False`` (``validate``, ``plan``) checks a mergekit configuration, which
+    has no output path (``run --out`` gives it), as if one had been given.
     """
     source = str(path)
     text = _read(path, "the recipe")
     raw = parse_yaml(text, source)
     files = {RECIPE_FILE: text}
+    warnings: list[str] = []
     if is_mergekit_config(raw):
-        raw = translate_mergekit(raw, source)
+        raw, warnings = translate_with_warnings(raw, source)
+        if out is None and not require_output and "path" not in raw.get("save", {}):
+            out = UNSET_OUTPUT
         files = {
             MERGEKIT_FILE: text,
             RECIPE_FILE: f"# translated by merge-cli from {MERGEKIT_FILE}\n"
@@ -49,7 +55,12 @@ def load_recipe(
         raw = _with_push_target(raw, push_to_hub)
     recipe = recipe_from_dict(raw, source, overrides=overrides, out=out)
     recipe.origin.files.update(files)
+    recipe.origin.warnings.extend(f"{source}: {warning}" for warning in warnings)
     return recipe
+
+
+#: save.path while checking a mergekit configuration without --out (never written to).
+UNSET_OUTPUT = "<--out DIR>"
 
 
 def _with_push_target(raw: Any, repo_id: str) -> Any:
@@ -76,8 +87,9 @@ def recipe_from_dict(
     return recipe
 
 
-def convert_mergekit(path: str | Path, out: str | None = None) -> dict[str, Any]:
-    """Read a mergekit configuration file and return the validated recipe v1 mapping.
+def convert_mergekit(path: str | Path, out: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Read a mergekit configuration file; return the validated recipe v1 mapping and the
+    warnings for the user (see :func:`merge_cli.mergekit.translate_with_warnings`).
 
     ``save.path`` is ``out`` when given; without it the recipe is checked as if an output
     directory had been given, and printed without one (``merge-cli run --out`` sets it).
@@ -86,11 +98,11 @@ def convert_mergekit(path: str | Path, out: str | None = None) -> dict[str, Any]
     raw = parse_yaml(_read(path, "the file"), source)
     if not is_mergekit_config(raw):
         raise RecipeError(source, ["merge_method: not a mergekit configuration (no merge_method)"])
-    recipe = translate_mergekit(raw, source)
+    recipe, warnings = translate_with_warnings(raw, source)
     if out is not None:
         recipe.setdefault("save", {})["path"] = out
-    recipe_from_dict(recipe, source, out=out or "OUT")
-    return recipe
+    recipe_from_dict(recipe, source, out=out or UNSET_OUTPUT)
+    return recipe, [f"{source}: {warning}" for warning in warnings]
 
 
 def _read(path: str | Path, what: str) -> str:

@@ -306,12 +306,13 @@ def _model_name(recipe: Recipe) -> str:
 
 def model_card(
     recipe: Recipe,
-    card: CardInputs,
-    config: dict[str, Any] | None,
+    card: CardInputs | None = None,
+    config: dict[str, Any] | None = None,
     evaluation: list[dict[str, Any]] | None = None,
 ) -> str:
     """A Hugging Face model card: the front matter of :func:`card_metadata`, then the
     method with its paper, the base, the models, the evaluation results and the recipe."""
+    card = card or CardInputs()
     metadata = card_metadata(recipe, card, config, evaluation)
     front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
     recipe_yaml = yaml.safe_dump(

@@ -654,3 +654,94 @@ def test_convert_reports_errors_with_exit_code(example_dir, cli):
     assert "chat_template" in stderr
     code, stdout, _ = cli("convert", bad, "--json")
     assert code == 2 and not json.loads(stdout)["ok"]
+
+
+# ---------------------------------------------------------------------------------------
+# Values mergekit accepts and ignores: the file runs, with a warning naming the key
+
+
+@pytest.mark.parametrize("method", ["slerp", "karcher", "model_stock", "sce"])
+def test_a_per_model_weight_mergekit_ignores_is_dropped_with_a_warning(method):
+    from merge_cli.mergekit import translate_with_warnings
+
+    config = {
+        "merge_method": method,
+        "base_model": "org/base",
+        "models": [
+            {"model": "org/math", "parameters": {"weight": 0.6}},
+            {"model": "org/code", "parameters": {"weight": 0.4}},
+        ],
+    }
+    if method == "slerp":
+        config["parameters"] = {"t": 0.3}
+    recipe, warnings = translate_with_warnings(config, "mk.yaml")
+    assert warnings == [
+        f"models[{i}].parameters.weight: has no effect with {method} (mergekit ignores it too); "
+        "ignored"
+        for i in (0, 1)
+    ]
+    assert all("weight" not in params for params in recipe["fuse"]["models"].values())
+    assert "weight" not in recipe["fuse"].get("params", {})
+    assert translate(config) == recipe
+
+
+def test_a_native_recipe_stays_strict_about_weight(tiny_llamas):
+    from merge_cli.config import recipe_from_dict
+
+    with pytest.raises(RecipeError, match=r"fuse.models.math.weight"):
+        recipe_from_dict(
+            {
+                "models": {name: str(path) for name, path in tiny_llamas.items()},
+                "fuse": {
+                    "method": "slerp",
+                    "base": "base",
+                    "models": {"math": {"weight": 0.6}},
+                    "params": {"t": 0.3},
+                },
+                "save": {"path": "out"},
+            }
+        )
+
+
+def test_an_ignored_weight_runs_as_mergekit_and_warns(tiny_llamas, tmp_path, cli):
+    import yaml
+
+    def config(weights: bool) -> Path:
+        models = [{"model": str(tiny_llamas[name])} for name in ("math", "code")]
+        if weights:
+            models[0]["parameters"] = {"weight": 0.9}
+            models[1]["parameters"] = {"weight": 0.1}
+        path = tmp_path / f"mk-{weights}.yml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "merge_method": "model_stock",
+                    "base_model": str(tiny_llamas["base"]),
+                    "models": models,
+                    "dtype": "float32",
+                }
+            )
+        )
+        return path
+
+    code, out, err = cli("run", config(True), "--out", tmp_path / "with", "--json")
+    assert code == 0, err
+    assert json.loads(out)["warnings"] == [
+        f"{config(True)}: models[{i}].parameters.weight: has no effect with model_stock "
+        "(mergekit ignores it too); ignored"
+        for i in (0, 1)
+    ]
+    # validate and plan need no --out for a mergekit configuration (it has no output path)
+    code, out, err = cli("validate", config(True))
+    assert code == 0 and err.count("warning:") == 2
+    code, out, err = cli("plan", config(True), "--json")
+    assert code == 0 and len(json.loads(out)["warnings"]) == 2
+    assert json.loads(out)["method"] == "model_stock"
+    code, out, err = cli("plan", config(True))
+    assert code == 0 and err.count("warning:") == 2
+    assert "models[1].parameters.weight: has no effect" in " ".join(err.split())
+    assert cli("run", config(False), "--out", tmp_path / "without")[0] == 0
+    with_weight = load_safetensors_dir(tmp_path / "with")
+    without = load_safetensors_dir(tmp_path / "without")
+    assert with_weight.keys() == without.keys()
+    assert all(torch.equal(with_weight[k], without[k]) for k in without)

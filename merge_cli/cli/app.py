@@ -23,6 +23,7 @@ from merge_cli.cli.render import (
     human,
     print_evaluation,
     print_json,
+    print_warnings,
 )
 from merge_cli.errors import MergeCliError, RecipeError
 from merge_cli.version import __version__
@@ -82,8 +83,13 @@ def run(
     # while a merge allocates (docs/performance-notes.md).
     gc.freeze()
 
+    warnings: list[str] = []
+
     def action() -> Any:
         parsed = load_recipe(recipe, set_, out, push_to_hub)
+        warnings.extend(parsed.origin.warnings)
+        if not as_json:
+            print_warnings(warnings)
         _check_device(device)
         options = RunOptions(
             device=device,
@@ -103,6 +109,7 @@ def run(
         "evaluation": result.evaluation,
         "report": result.report,
         "commit_url": result.commit_url,
+        "warnings": warnings,
     }
     if as_json:
         print_json(payload)
@@ -185,14 +192,15 @@ def validate(
     from merge_cli.pipeline import check
 
     def action() -> Any:
-        parsed = load_recipe(recipe, set_, out, push_to_hub)
+        parsed = load_recipe(recipe, set_, out, push_to_hub, require_output=False)
         check(parsed)
         return parsed
 
     parsed = guarded(as_json, action)
     if as_json:
-        print_json({"ok": True, "models": list(parsed.models)})
+        print_json({"ok": True, "models": list(parsed.models), "warnings": parsed.origin.warnings})
     else:
+        print_warnings(parsed.origin.warnings)
         console.print(f"[green]✓[/green] {recipe} is valid ({len(parsed.models)} models)")
 
 
@@ -205,12 +213,14 @@ def plan(
     from merge_cli.pipeline import plan as plan_run
 
     def action() -> Any:
-        return plan_run(load_recipe(recipe, set_, out))
+        parsed = load_recipe(recipe, set_, out, require_output=False)
+        return {**plan_run(parsed), "warnings": parsed.origin.warnings}
 
     summary = guarded(as_json, action)
     if as_json:
         print_json(summary)
         return
+    print_warnings(summary["warnings"])
     console.print(f"stages: {' → '.join(summary['stages'])}")
     if "bytes_read" not in summary:
         if "note" in summary:
@@ -245,7 +255,8 @@ def convert(
 
     from merge_cli.config import convert_mergekit
 
-    raw = guarded(as_json, lambda: convert_mergekit(config, out))
+    raw, warnings = guarded(as_json, lambda: convert_mergekit(config, out))
+    print_warnings(warnings)  # stderr: stdout stays the recipe
     if as_json:
         print_json(raw)
         return

@@ -45,7 +45,13 @@ from typing import Any
 from merge_cli.mergekit.methods import MERGEKIT_METHODS, MergekitMethod
 from merge_cli.mergekit.translate import Translator
 
-__all__ = ["MERGEKIT_METHODS", "MergekitMethod", "is_mergekit_config", "translate_mergekit"]
+__all__ = [
+    "MERGEKIT_METHODS",
+    "MergekitMethod",
+    "is_mergekit_config",
+    "translate_mergekit",
+    "translate_with_warnings",
+]
 
 
 def is_mergekit_config(raw: Any) -> bool:
@@ -58,4 +64,12 @@ def translate_mergekit(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
     Raises :class:`~merge_cli.errors.RecipeError` naming every key merge-cli cannot honour.
     """
-    return Translator(raw, source).translate()
+    return translate_with_warnings(raw, source)[0]
+
+
+def translate_with_warnings(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """:func:`translate_mergekit`, and the warnings for the user (each naming the key as
+    written: a value mergekit accepts and ignores, which merge-cli then ignores too)."""
+    translator = Translator(raw, source)
+    recipe = translator.translate()
+    return recipe, translator.warnings

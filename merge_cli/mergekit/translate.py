@@ -53,6 +53,8 @@ class Translator:
         self.raw = raw
         self.source = source
         self.problems: list[str] = []
+        #: What the user should know though the configuration runs (a value with no effect).
+        self.warnings: list[str] = []
 
     def fail_if_problems(self) -> None:
         if self.problems:
@@ -379,6 +381,12 @@ class Translator:
         for key in params:
             if key in allowed:
                 continue
+            if key in method.unused:
+                self.warnings.append(
+                    f"{where}.{key}: has no effect with {method_name} (mergekit ignores it "
+                    "too); ignored"
+                )
+                continue
             if per_model and key in method.shared:
                 self.problems.append(
                     f"{where}.{key}: a method-wide parameter of mergekit's {method_name}; "
@@ -405,7 +413,7 @@ class Translator:
         """Drop what has no effect, reject what merge-cli cannot do, map mergekit's values."""
         prepared = {}
         for key, setting in params.items():
-            if key in method.ignored:
+            if key in method.ignored or key in method.unused:
                 continue
             if key in method.no_effect:
                 neutral = method.no_effect[key]

@@ -324,6 +324,8 @@ def fuse_ensemble(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: R
             "fit": fit,
         }
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for file_name, text in recipe.origin.files.items():
+            (staged / file_name).write_text(text)
         if recipe.save.model_card:
             (staged / "README.md").write_text(save.model_card(recipe))
     return target
