@@ -15,7 +15,7 @@ import yaml
 
 from merge_cli.checks import check_recipe
 from merge_cli.errors import RecipeError
-from merge_cli.mergekit import is_mergekit_config, translate_with_warnings
+from merge_cli.mergekit import is_mergekit_config, translate_with_warnings, user_keys
 from merge_cli.recipe import Recipe, parse_recipe, parse_yaml
 from merge_cli.save import MERGEKIT_FILE, RECIPE_FILE
 
@@ -42,8 +42,9 @@ def load_recipe(
     raw = parse_yaml(text, source)
     files = {RECIPE_FILE: text}
     warnings: list[str] = []
+    key_map: dict[str, str] = {}
     if is_mergekit_config(raw):
-        raw, warnings = translate_with_warnings(raw, source)
+        raw, warnings, key_map = translate_with_warnings(raw, source)
         if out is None and not require_output and "path" not in raw.get("save", {}):
             out = UNSET_OUTPUT
         files = {
@@ -53,7 +54,12 @@ def load_recipe(
         }
     if push_to_hub is not None:
         raw = _with_push_target(raw, push_to_hub)
-    recipe = recipe_from_dict(raw, source, overrides=overrides, out=out)
+    try:
+        recipe = recipe_from_dict(raw, source, overrides=overrides, out=out)
+    except RecipeError as error:
+        if not key_map:
+            raise
+        raise RecipeError(source, user_keys(error.problems, key_map)) from None
     recipe.origin.files.update(files)
     recipe.origin.warnings.extend(f"{source}: {warning}" for warning in warnings)
     return recipe
@@ -98,10 +104,13 @@ def convert_mergekit(path: str | Path, out: str | None = None) -> tuple[dict[str
     raw = parse_yaml(_read(path, "the file"), source)
     if not is_mergekit_config(raw):
         raise RecipeError(source, ["merge_method: not a mergekit configuration (no merge_method)"])
-    recipe, warnings = translate_with_warnings(raw, source)
+    recipe, warnings, key_map = translate_with_warnings(raw, source)
     if out is not None:
         recipe.setdefault("save", {})["path"] = out
-    recipe_from_dict(recipe, source, out=out or UNSET_OUTPUT)
+    try:
+        recipe_from_dict(recipe, source, out=out or UNSET_OUTPUT)
+    except RecipeError as error:
+        raise RecipeError(source, user_keys(error.problems, key_map)) from None
     return recipe, [f"{source}: {warning}" for warning in warnings]
 
 

@@ -674,7 +674,7 @@ def test_a_per_model_weight_mergekit_ignores_is_dropped_with_a_warning(method):
     }
     if method == "slerp":
         config["parameters"] = {"t": 0.3}
-    recipe, warnings = translate_with_warnings(config, "mk.yaml")
+    recipe, warnings, _ = translate_with_warnings(config, "mk.yaml")
     assert warnings == [
         f"models[{i}].parameters.weight: has no effect with {method} (mergekit ignores it too); "
         "ignored"
@@ -745,3 +745,95 @@ def test_an_ignored_weight_runs_as_mergekit_and_warns(tiny_llamas, tmp_path, cli
     without = load_safetensors_dir(tmp_path / "without")
     assert with_weight.keys() == without.keys()
     assert all(torch.equal(with_weight[k], without[k]) for k in without)
+
+
+def test_the_chat_template_refusal_says_merge_cli_writes_none():
+    message = problems_of({"merge_method": "linear", "models": TWO, "chat_template": "chatml"})
+    assert message == (
+        "mk.yaml: chat_template: merge-cli does not write a chat template into the output; "
+        "remove the key and set `chat_template` in the output's tokenizer_config.json after "
+        "the merge"
+    )
+
+
+def _mergekit_file(tmp_path, config) -> Path:
+    path = tmp_path / "mk.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_problems_name_the_keys_as_the_user_wrote_them(tiny_llamas, tmp_path, cli):
+    config = {
+        "merge_method": "passthrough",
+        "models": [{"model": str(tiny_llamas["math"]), "parameters": {"scale": 0.5}}],
+    }
+    code, _, err = cli("validate", _mergekit_file(tmp_path, config))
+    assert code == 2
+    assert " ".join(err.split()) == (
+        f"error: {tmp_path / 'mk.yml'}: models[0].parameters.scale: unknown parameter "
+        "(this method takes: none)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("parameters", "per_model", "message"),
+    [
+        (
+            {"density": 0.66, "epsilon": 0.5, "lambda": 0.5},
+            {},
+            "parameters.density and parameters.epsilon: density - epsilon and density + "
+            "epsilon must lie in (0, 1), got density 0.66 and epsilon 0.5",
+        ),
+        (
+            {"density": 0.5},
+            {"epsilon": 0.6},
+            "parameters.density and models[1].parameters.epsilon: density - epsilon and "
+            "density + epsilon must lie in (0, 1) (model 'code'), got density 0.5 and epsilon 0.6",
+        ),
+        (
+            {"density": [0.5, 0.9], "epsilon": 0.2},
+            {},
+            "parameters.density and parameters.epsilon: density - epsilon and density + "
+            "epsilon must lie in (0, 1), got density 0.9 and epsilon 0.2",
+        ),
+    ],
+)
+def test_della_probability_range_is_checked_at_validate(
+    tiny_llamas, tmp_path, cli, parameters, per_model, message
+):
+    """mergekit refuses density +- epsilon outside (0, 1) (its test_della_invalid_epsilon);
+    merge-cli says so at validate, once, naming the keys as written."""
+    config = {
+        "merge_method": "della",
+        "base_model": str(tiny_llamas["base"]),
+        "models": [
+            {"model": str(tiny_llamas["math"]), "parameters": {"weight": 0.6}},
+            {"model": str(tiny_llamas["code"]), "parameters": {"weight": 0.4, **per_model}},
+        ],
+        "parameters": parameters,
+    }
+    code, _, err = cli("validate", _mergekit_file(tmp_path, config))
+    assert code == 2
+    assert " ".join(err.split()) == f"error: {tmp_path / 'mk.yml'}: {message}"
+
+
+def test_della_range_in_a_native_recipe(tiny_llamas):
+    recipe = {
+        "models": {name: str(path) for name, path in tiny_llamas.items()},
+        "fuse": {
+            "method": "della",
+            "base": "base",
+            "params": {"density": 0.5},
+            "models": {"math": {"epsilon": 0.1}, "code": {}},
+            "rules": [{"match": "*.mlp.*", "models": {"math": {"epsilon": 0.5}}}],
+        },
+        "save": {"path": "out"},
+    }
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(recipe)
+    assert caught.value.problems == [
+        "fuse.params.density and fuse.rules[0].models.math.epsilon: density - epsilon and "
+        "density + epsilon must lie in (0, 1) (model 'math'), got density 0.5 and epsilon 0.5"
+    ]
+    recipe["fuse"]["rules"][0]["models"]["math"]["epsilon"] = 0.45
+    assert recipe_from_dict(recipe).fuse.method == "della"

@@ -40,7 +40,8 @@ names the key. Model references: a path that exists stays local, ``org/name[@rev
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 from merge_cli.mergekit.methods import MERGEKIT_METHODS, MergekitMethod
 from merge_cli.mergekit.translate import Translator
@@ -51,6 +52,7 @@ __all__ = [
     "is_mergekit_config",
     "translate_mergekit",
     "translate_with_warnings",
+    "user_keys",
 ]
 
 
@@ -64,12 +66,40 @@ def translate_mergekit(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
     Raises :class:`~merge_cli.errors.RecipeError` naming every key merge-cli cannot honour.
     """
-    return translate_with_warnings(raw, source)[0]
+    return translate_with_warnings(raw, source).recipe
 
 
-def translate_with_warnings(raw: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
-    """:func:`translate_mergekit`, and the warnings for the user (each naming the key as
-    written: a value mergekit accepts and ignores, which merge-cli then ignores too)."""
+class Translation(NamedTuple):
+    """A translated configuration: the recipe mapping, warnings for the user (each naming
+    the key as written: a value mergekit accepts and ignores, which merge-cli ignores too),
+    and where each translated key came from (see :func:`user_keys`)."""
+
+    recipe: dict[str, Any]
+    warnings: list[str]
+    key_map: dict[str, str]
+
+
+def translate_with_warnings(raw: dict[str, Any], source: str) -> Translation:
+    """:func:`translate_mergekit`, with the warnings and the key map."""
     translator = Translator(raw, source)
     recipe = translator.translate()
-    return recipe, translator.warnings
+    return Translation(recipe, translator.warnings, translator.key_map)
+
+
+#: A key path of a recipe in a message (``fuse.models.a.scale``, ``fuse.rules[0].params``).
+_KEY = re.compile(r"(?<![\w.])(?:fuse|models|save)(?:\.[\w-]+|\[\d+\])+")
+
+
+def user_keys(problems: list[str], key_map: dict[str, str]) -> list[str]:
+    """Problems found in a translated recipe, with every key path in them rewritten to where
+    the user wrote it (the longest translated prefix wins; unmapped paths stay)."""
+    prefixes = sorted(key_map, key=len, reverse=True)
+
+    def rewrite(found: re.Match[str]) -> str:
+        path = found.group(0)
+        for prefix in prefixes:
+            if path == prefix or path.startswith((prefix + ".", prefix + "[")):
+                return key_map[prefix] + path[len(prefix) :]
+        return path
+
+    return [_KEY.sub(rewrite, problem) for problem in problems]
