@@ -187,9 +187,7 @@ def write_extras(
         raise OutputError(f"{config_source.source}: no config.json to update with {config_updates}")
     updates = dict(config_updates)
     if recipe.save.dtype != "keep" and "config.json" in copied:
-        # transformers reads `dtype` (>= 4.56) or `torch_dtype` (before): with both,
-        # from_pretrained(dtype="auto") loads the dtype the shards hold.
-        updates.update(torch_dtype=recipe.save.dtype, dtype=recipe.save.dtype)
+        updates.update(_dtype_updates(_read_config(writer.temp) or {}, recipe.save.dtype))
     if updates:
         config = json.loads((writer.temp / "config.json").read_text())
         config.update(updates)
@@ -199,6 +197,16 @@ def write_extras(
     if recipe.save.model_card:
         card = card or CardInputs()
         writer.write_text("README.md", model_card(recipe, card, _read_config(writer.temp)))
+
+
+def _dtype_updates(config: dict[str, Any], dtype: str) -> dict[str, str]:
+    """config.json's dtype keys for shards of ``dtype``: transformers reads ``dtype``
+    (>= 4.56) or ``torch_dtype`` (before), so both are written, and from_pretrained
+    (dtype="auto") loads what the shards hold; nothing when the config already says so."""
+    present = [config[key] for key in ("torch_dtype", "dtype") if key in config]
+    if present and all(value == dtype for value in present):
+        return {}
+    return {"torch_dtype": dtype, "dtype": dtype}
 
 
 # ---------------------------------------------------------------------------------------

@@ -188,6 +188,54 @@ CONFIGS: dict[str, dict] = {
         "base_model": "M/base",
         "parameters": {"select_topk": 0.5},
     },
+    # mergekit's tests give these methods a per-model weight, which mergekit ignores:
+    # merge-cli warns and ignores it too (issue 22)
+    "slerp (ignored weight)": {
+        "merge_method": "slerp",
+        "models": [
+            {"model": "M/base", "parameters": {"weight": 0.6}},
+            {"model": "M/math", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+        "parameters": {"t": 0.3},
+    },
+    "karcher (ignored weight)": {
+        "merge_method": "karcher",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+        ],
+    },
+    "model_stock (ignored weight)": {
+        "merge_method": "model_stock",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+    },
+    "model_stock (filter_wise)": {
+        "merge_method": "model_stock",
+        "models": [{"model": "M/math"}, {"model": "M/code"}, {"model": "M/chat"}],
+        "base_model": "M/base",
+        "parameters": {"filter_wise": True},
+    },
+    "sce (ignored weight)": {
+        "merge_method": "sce",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+    },
+    # the indexes of M/sorted_* list names sorted: lm_head.weight before the layers
+    "passthrough (sorted index)": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "M/sorted_math", "layer_range": [0, 3]}]},
+            {"sources": [{"model": "M/sorted_code", "layer_range": [1, 4]}]},
+        ],
+    },
 }
 
 
@@ -202,6 +250,9 @@ def build_models(root: Path) -> None:
     config = {**examples.CONFIG, "torch_dtype": "float32"}
     for name, state in states.items():
         examples.save_hf_directory(state, root / name, config, dtype=torch.float32)
+    for name in ("math", "code"):
+        ordered = dict(sorted(states[name].items()))
+        examples.save_hf_directory(ordered, root / f"sorted_{name}", config, dtype=torch.float32)
 
 
 def write_config(config: dict, models: Path, path: Path) -> None:
