@@ -15,7 +15,12 @@ import yaml
 
 from merge_cli.checks import check_recipe
 from merge_cli.errors import RecipeError
-from merge_cli.mergekit import is_mergekit_config, translate_with_warnings, user_keys
+from merge_cli.mergekit import (
+    is_mergekit_config,
+    is_mergekit_moe_config,
+    translate_with_warnings,
+    user_keys,
+)
 from merge_cli.recipe import Recipe, parse_recipe, parse_yaml
 from merge_cli.save import MERGEKIT_FILE, RECIPE_FILE
 
@@ -39,7 +44,7 @@ def load_recipe(
     """
     source = str(path)
     text = _read(path, "the recipe")
-    raw = parse_yaml(text, source)
+    raw = _parse(text, source)
     files = {RECIPE_FILE: text}
     warnings: list[str] = []
     key_map: dict[str, str] = {}
@@ -101,7 +106,7 @@ def convert_mergekit(path: str | Path, out: str | None = None) -> tuple[dict[str
     directory had been given, and printed without one (``merge-cli run --out`` sets it).
     """
     source = str(path)
-    raw = parse_yaml(_read(path, "the file"), source)
+    raw = _parse(_read(path, "the file"), source)
     if not is_mergekit_config(raw):
         raise RecipeError(source, ["merge_method: not a mergekit configuration (no merge_method)"])
     recipe, warnings, key_map = translate_with_warnings(raw, source)
@@ -112,6 +117,40 @@ def convert_mergekit(path: str | Path, out: str | None = None) -> tuple[dict[str
     except RecipeError as error:
         raise RecipeError(source, user_keys(error.problems, key_map)) from None
     return recipe, [f"{source}: {warning}" for warning in warnings]
+
+
+def _parse(text: str, source: str) -> Any:
+    """The one YAML document of a recipe file; mergekit's other formats (several documents:
+    mergekit-multi; ``experts``: mergekit-moe) get a message saying what they are."""
+    try:
+        raw = parse_yaml(text, source)
+    except RecipeError as invalid:
+        try:
+            documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        except yaml.YAMLError:
+            raise invalid from None
+        if len(documents) > 1:
+            raise RecipeError(
+                source,
+                [
+                    f"{len(documents)} YAML documents: a mergekit-multi configuration (named "
+                    "stages referring to earlier ones) is not supported by merge-cli; run each "
+                    "stage as its own file (`merge-cli run STAGE.yml --out DIR`), naming an "
+                    "earlier stage's output directory as a model"
+                ],
+            ) from None
+        raise
+    if is_mergekit_moe_config(raw):
+        raise RecipeError(
+            source,
+            [
+                "experts: a mergekit-moe configuration is not read by merge-cli; write a "
+                "recipe with `fuse: {method: moe}` (base, experts as fuse.models with their "
+                "positive_prompts, params gate_mode and num_experts_per_tok; "
+                "`merge-cli methods` lists them)"
+            ],
+        )
+    return raw
 
 
 def _read(path: str | Path, what: str) -> str:

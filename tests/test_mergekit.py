@@ -837,3 +837,29 @@ def test_della_range_in_a_native_recipe(tiny_llamas):
     ]
     recipe["fuse"]["rules"][0]["models"]["math"]["epsilon"] = 0.45
     assert recipe_from_dict(recipe).fuse.method == "della"
+
+
+def test_mergekit_multi_and_moe_files_are_named_for_what_they_are(tmp_path, cli):
+    multi = tmp_path / "multi.yml"
+    multi.write_text(
+        "name: first\nmerge_method: linear\nmodels: [{model: a/b}]\n---\n"
+        "name: second\nmerge_method: linear\nmodels: [{model: first}]\n"
+    )
+    code, _, err = cli("validate", multi)
+    assert code == 2 and err.count("error:") == 1
+    assert "2 YAML documents: a mergekit-multi configuration" in " ".join(err.split())
+    moe = tmp_path / "moe.yml"
+    moe.write_text(
+        "base_model: a/base\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n"
+        "  - source_model: a/math\n    positive_prompts: [math]\n"
+    )
+    for command in ("validate", "convert"):
+        code, _, err = cli(command, moe)
+        assert code == 2 and err.count("error:") == 1
+        text = " ".join(err.split())
+        assert "experts: a mergekit-moe configuration is not read by merge-cli" in text
+        assert "unknown key" not in text
+    broken = tmp_path / "broken.yml"
+    broken.write_text("a: [\n")
+    code, _, err = cli("validate", broken)
+    assert code == 2 and "invalid YAML" in err and "Traceback" not in err

@@ -50,6 +50,7 @@ __all__ = [
     "MERGEKIT_METHODS",
     "MergekitMethod",
     "is_mergekit_config",
+    "is_mergekit_moe_config",
     "translate_mergekit",
     "translate_with_warnings",
     "user_keys",
@@ -59,6 +60,17 @@ __all__ = [
 def is_mergekit_config(raw: Any) -> bool:
     """Whether a parsed YAML document is a mergekit configuration (it has ``merge_method``)."""
     return isinstance(raw, dict) and "merge_method" in raw
+
+
+def is_mergekit_moe_config(raw: Any) -> bool:
+    """Whether a parsed YAML document is a mergekit-moe configuration (``experts``, no
+    ``merge_method`` or ``models``)."""
+    return (
+        isinstance(raw, dict)
+        and "experts" in raw
+        and "merge_method" not in raw
+        and "models" not in raw
+    )
 
 
 def translate_mergekit(raw: dict[str, Any], source: str) -> dict[str, Any]:
