@@ -228,6 +228,15 @@ CONFIGS: dict[str, dict] = {
         ],
         "base_model": "M/base",
     },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "models": [
+            {"model": "M/base", "parameters": {"weight": 0.6}},
+            {"model": "M/math", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+        "parameters": {"t": 0.001},
+    },
     # the indexes of M/sorted_* list names sorted: lm_head.weight before the layers
     "passthrough (sorted index)": {
         "merge_method": "passthrough",

@@ -295,7 +295,7 @@ def test_one_slice_over_all_layers_is_the_models_form(tiny_llamas):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"merge_method": "nearswap", "models": TWO}, "merge_method: 'nearswap' is not supported"),
+        ({"merge_method": "ram", "models": TWO}, "merge_method: 'ram' is not supported"),
         ({"merge_method": "linear", "models": TWO, "modules": {}}, "modules: per-module"),
         ({"merge_method": "linear", "models": TWO, "tokenizer": {"source": "base"}}, "tokenizer:"),
         ({"merge_method": "linear", "models": TWO, "chat_template": "chatml"}, "chat_template:"),
@@ -863,3 +863,27 @@ def test_mergekit_multi_and_moe_files_are_named_for_what_they_are(tmp_path, cli)
     broken.write_text("a: [\n")
     code, _, err = cli("validate", broken)
     assert code == 2 and "invalid YAML" in err and "Traceback" not in err
+
+
+def test_mergekit_nearswap_test_configuration_translates():
+    """mergekit's test_nearswap_merge: the base listed among the models, per-model weights
+    it ignores, t 0.0001."""
+    from merge_cli.mergekit import translate_with_warnings
+
+    recipe, warnings, _ = translate_with_warnings(
+        {
+            "merge_method": "nearswap",
+            "base_model": "org/a",
+            "models": [
+                {"model": "org/a", "parameters": {"weight": 0.6}},
+                {"model": "org/b", "parameters": {"weight": 0.4}},
+            ],
+            "parameters": {"t": 0.0001},
+        },
+        "mk.yaml",
+    )
+    assert recipe["fuse"]["method"] == "nearswap"
+    assert recipe["fuse"]["base"] == "a"
+    assert list(recipe["fuse"]["models"]) == ["b"]
+    assert recipe["fuse"]["params"] == {"t": 0.0001}
+    assert len(warnings) == 2 and all("has no effect with nearswap" in w for w in warnings)

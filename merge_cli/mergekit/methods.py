@@ -104,6 +104,8 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     ),
     "karcher": MergekitMethod("ignored", {"max_iter": 10, "tol": 1e-5}, unused=("weight",)),
     "model_stock": MergekitMethod("required", {"filter_wise": False}, unused=("weight",)),
+    # NearSwap reads no per-model weight either (mergekit's own test gives one).
+    "nearswap": MergekitMethod("required", {"t": REQUIRED}, unused=("weight",)),
     "sce": MergekitMethod(
         "required",
         {"select_topk": 1.0, "int8_mask": False},

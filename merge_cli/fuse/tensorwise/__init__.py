@@ -11,6 +11,7 @@ from merge_cli.fuse.tensorwise import (
     linear,
     model_stock,
     multislerp,
+    nearswap,
     passthrough,
     sce,
     slerp,
@@ -33,5 +34,6 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         *multislerp.METHODS,
         model_stock.METHOD,
         sce.METHOD,
+        nearswap.METHOD,
     )
 }
