@@ -237,6 +237,25 @@ CONFIGS: dict[str, dict] = {
         "base_model": "M/base",
         "parameters": {"t": 0.001},
     },
+    "ram": {
+        "merge_method": "ram",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+            {"model": "M/sparse"},
+        ],
+        "base_model": "M/base",
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+            {"model": "M/sparse"},
+        ],
+        "base_model": "M/base",
+        "parameters": {"r": 0.05, "alpha": 1.0},
+    },
     # the indexes of M/sorted_* list names sorted: lm_head.weight before the layers
     "passthrough (sorted index)": {
         "merge_method": "passthrough",
@@ -260,6 +279,13 @@ def build_models(root: Path, dtype: str = "float32") -> None:
     torch_dtype = getattr(torch, dtype)
     for name, state in states.items():
         examples.save_hf_directory(state, root / name, config, dtype=torch_dtype)
+    # a fine-tune that changed a third of the entries only (RAM counts who changed what)
+    generator = torch.Generator().manual_seed(4)
+    states["sparse"] = {
+        name: torch.where(torch.rand(t.shape, generator=generator) < 1 / 3, t, base[name])
+        for name, t in states["chat"].items()
+    }
+    examples.save_hf_directory(states["sparse"], root / "sparse", config, dtype=torch_dtype)
     for name in ("math", "code"):
         ordered = dict(sorted(states[name].items()))
         examples.save_hf_directory(ordered, root / f"sorted_{name}", config, dtype=torch_dtype)

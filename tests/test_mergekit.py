@@ -295,7 +295,7 @@ def test_one_slice_over_all_layers_is_the_models_form(tiny_llamas):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"merge_method": "ram", "models": TWO}, "merge_method: 'ram' is not supported"),
+        ({"merge_method": "arcee_fusion", "models": TWO}, "merge_method: 'arcee_fusion' is not"),
         ({"merge_method": "linear", "models": TWO, "modules": {}}, "modules: per-module"),
         ({"merge_method": "linear", "models": TWO, "tokenizer": {"source": "base"}}, "tokenizer:"),
         ({"merge_method": "linear", "models": TWO, "chat_template": "chatml"}, "chat_template:"),
@@ -887,3 +887,26 @@ def test_mergekit_nearswap_test_configuration_translates():
     assert list(recipe["fuse"]["models"]) == ["b"]
     assert recipe["fuse"]["params"] == {"t": 0.0001}
     assert len(warnings) == 2 and all("has no effect with nearswap" in w for w in warnings)
+
+
+def test_mergekit_ram_test_configurations_translate():
+    """mergekit's test_ram_merge / test_ramplus_tl_merge: per-model weights it ignores."""
+    from merge_cli.mergekit import translate_with_warnings
+
+    for method, params in (("ram", {}), ("ramplus_tl", {"r": 0.05, "alpha": 1.0})):
+        recipe, warnings, _ = translate_with_warnings(
+            {
+                "merge_method": method,
+                "base_model": "org/c",
+                "models": [
+                    {"model": "org/a", "parameters": {"weight": 0.6}},
+                    {"model": "org/b", "parameters": {"weight": 0.4}},
+                ],
+                **({"parameters": params} if params else {}),
+            },
+            "mk.yaml",
+        )
+        assert recipe["fuse"]["method"] == method and recipe["fuse"]["base"] == "c"
+        assert recipe["fuse"].get("params", {}) == params
+        assert list(recipe["fuse"]["models"]) == ["a", "b"]
+        assert len(warnings) == 2

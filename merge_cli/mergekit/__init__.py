@@ -31,10 +31,13 @@ What carries over, with mergekit's semantics:
   its DARE/DELLA ``rescale: true`` becomes ``rescale: l1`` (its L1-norm matching) and its
   breadcrumbs get ``empty_without_outliers`` (see the methods' docs).
 
+A per-model ``weight`` that mergekit accepts and ignores (slerp, karcher, model_stock, sce,
+nearswap, ram, ramplus_tl) is dropped with a warning (:func:`translate_with_warnings`).
 Anything else (``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: MODEL``,
 LoRA references, partial-range
 merges, ``residual_weight``, unknown methods or keys) fails with a :class:`RecipeError` that
-names the key. Model references: a path that exists stays local, ``org/name[@rev]`` becomes
+names the key as the user wrote it (:func:`user_keys` maps the translated recipe's keys
+back). Model references: a path that exists stays local, ``org/name[@rev]`` becomes
 ``hf://org/name[@rev]``.
 """
 

@@ -106,6 +106,10 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "model_stock": MergekitMethod("required", {"filter_wise": False}, unused=("weight",)),
     # NearSwap reads no per-model weight either (mergekit's own test gives one).
     "nearswap": MergekitMethod("required", {"t": REQUIRED}, unused=("weight",)),
+    "ram": MergekitMethod("required", {"epsilon": 1e-5}, unused=("weight",)),
+    "ramplus_tl": MergekitMethod(
+        "required", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, unused=("weight",)
+    ),
     "sce": MergekitMethod(
         "required",
         {"select_topk": 1.0, "int8_mask": False},

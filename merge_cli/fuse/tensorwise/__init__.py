@@ -13,6 +13,7 @@ from merge_cli.fuse.tensorwise import (
     multislerp,
     nearswap,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,
@@ -35,5 +36,6 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         model_stock.METHOD,
         sce.METHOD,
         nearswap.METHOD,
+        *ram.METHODS,
     )
 }
