@@ -73,6 +73,8 @@ def stage_names(recipe: Recipe) -> list[str]:
             stages.append("repair")
     if recipe.evaluate:
         stages.append("evaluate")
+    if recipe.fuse and recipe.save is not None and recipe.save.push_to_hub is not None:
+        stages.append(f"upload ({recipe.save.push_to_hub.repo_id})")
     return stages
 
 

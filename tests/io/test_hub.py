@@ -220,3 +220,15 @@ def test_real_hub_upload(tiny_llamas, tmp_path):  # pragma: no cover - online on
         assert "merge" in (api.model_info(repo_id).card_data or {}).get("tags", [])
     finally:
         api.delete_repo(repo_id, missing_ok=True)
+
+
+def test_plan_shows_the_upload_stage(tiny_llamas, tmp_path, cli):
+    recipe = _recipe(tiny_llamas, tmp_path, {"repo_id": "my-org/merged", "private": True})
+    code, out, _ = cli("plan", recipe, "--json")
+    assert code == 0  # plan uploads nothing: it needs neither the network nor a token
+    assert json.loads(out)["stages"] == [
+        "load",
+        "fuse (ties)",
+        "save",
+        "upload (my-org/merged)",
+    ]
