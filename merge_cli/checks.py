@@ -15,6 +15,7 @@ from merge_cli.align.checks import check_align
 from merge_cli.evaluate.registry import MERGED, check_eval_spec
 from merge_cli.fuse.adapters.combine import check_adapter_fuse
 from merge_cli.fuse.checks import check_fuse_section
+from merge_cli.io.hub import repo_id_problem
 from merge_cli.recipe import Recipe
 
 
@@ -29,12 +30,13 @@ def check_recipe(recipe: Recipe) -> list[str]:
     problems += _check_extract(recipe)
     if recipe.fuse is not None and recipe.save is None:
         problems.append("save.path: required to run a fuse stage (or pass --out DIR)")
-    if recipe.save is not None and recipe.save.push_to_hub is not None:
-        problems.append(
-            "save.push_to_hub: uploading to the Hub is not available in this version of "
-            "merge-cli; remove the key and upload the output directory with "
-            "`hf upload REPO_ID DIR`"
-        )
+    push = recipe.save.push_to_hub if recipe.save is not None else None
+    if push is not None:
+        problem = repo_id_problem(push.repo_id)
+        if problem is not None:
+            problems.append(f"save.push_to_hub.repo_id: {problem}")
+        if recipe.fuse is None:
+            problems.append("save.push_to_hub: needs a fuse stage (nothing is written without)")
     return problems
 
 

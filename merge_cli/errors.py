@@ -43,3 +43,7 @@ class OutputError(MergeCliError):
 
 class TaskError(MergeCliError):
     """A `task` entry (model builder, data, loss) cannot be loaded or used."""
+
+
+class PublishError(MergeCliError):
+    """The output cannot be uploaded (offline, no token, the Hub refused it)."""

@@ -18,7 +18,7 @@ from typing import Any
 from merge_cli.align.stage import align_models, repair_output
 from merge_cli.engine.executor import torch_threads
 from merge_cli.engine.method import Method, ModelMethod
-from merge_cli.errors import CheckpointError, TaskError
+from merge_cli.errors import CheckpointError, PublishError, TaskError
 from merge_cli.evaluate.stage import default_report_path, evaluate_recipe
 from merge_cli.fuse import METHODS
 from merge_cli.fuse.adapters.combine import fuse_adapters, plan_adapter_merge
@@ -33,15 +33,17 @@ from merge_cli.fuse.stage import (
 )
 from merge_cli.io.adapters import open_model
 from merge_cli.io.checkpoint import Checkpoint
+from merge_cli.io.hub import push_blocker, push_folder
 from merge_cli.options import DEFAULT_CHUNK_BYTES, RunOptions
 from merge_cli.recipe import Recipe
-from merge_cli.save import check_output_target, input_paths
+from merge_cli.save import CardInputs, check_output_target, input_paths, update_model_card
 from merge_cli.task import task_problems
 
 __all__ = [
     "RunOptions",
     "RunResult",
     "check",
+    "check_publishing",
     "run_evaluation",
     "method_of",
     "open_models",
@@ -60,6 +62,8 @@ class RunResult:
     seconds: float
     evaluation: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    #: The URL of the Hub commit holding the output (``save.push_to_hub``).
+    commit_url: str | None = None
 
 
 def stage_names(recipe: Recipe) -> list[str]:
@@ -77,6 +81,8 @@ def stage_names(recipe: Recipe) -> list[str]:
         stages += ["extract-lora", "save (adapter)"]
     if recipe.evaluate:
         stages.append("evaluate")
+    if recipe.fuse and recipe.save is not None and recipe.save.push_to_hub is not None:
+        stages.append(f"upload ({recipe.save.push_to_hub.repo_id})")
     return stages
 
 
@@ -97,8 +103,11 @@ def method_of(recipe: Recipe) -> Method:
 
 
 def run(recipe: Recipe, options: RunOptions | None = None) -> RunResult:
-    """Run every stage of ``recipe`` (on ``options.threads`` torch threads when set)."""
+    """Run every stage of ``recipe`` (on ``options.threads`` torch threads when set); with
+    ``save.push_to_hub``, upload the complete output last (its card holding the evaluation
+    results)."""
     options = options or RunOptions()
+    check_publishing(recipe)
     with torch_threads(options.threads):
         return _run(recipe, options)
 
@@ -129,7 +138,30 @@ def _run(recipe: Recipe, options: RunOptions) -> RunResult:
     evaluation: list[dict[str, Any]] = []
     if recipe.evaluate:
         evaluation = evaluate_recipe(recipe, checkpoints, output, options)
-    return RunResult(output, summary, time.perf_counter() - started, evaluation, report)
+        if output is not None and recipe.fuse is not None:
+            update_model_card(
+                recipe, output, CardInputs(method_of(recipe), checkpoints), evaluation
+            )
+    commit_url = None
+    push = recipe.save.push_to_hub if recipe.save is not None else None
+    if push is not None and output is not None:
+        options.progress.note(f"uploading {output} to {push.repo_id}")
+        commit_url = push_folder(
+            output, push.repo_id, push.private, push.revision, push.commit_message
+        )
+    seconds = time.perf_counter() - started
+    return RunResult(output, summary, seconds, evaluation, report, commit_url)
+
+
+def check_publishing(recipe: Recipe) -> None:
+    """Refuse a ``save.push_to_hub`` this environment cannot honour (offline, no token)
+    before any merge work. A :class:`PublishError` (exit 1): the recipe is valid, the
+    machine cannot upload; the repository id itself is checked with the recipe (exit 2)."""
+    if recipe.save is None or recipe.save.push_to_hub is None:
+        return
+    blocker = push_blocker()
+    if blocker is not None:
+        raise PublishError(f"save.push_to_hub: {blocker}")
 
 
 def run_evaluation(
@@ -164,10 +196,12 @@ def _run_evaluation(
 
 
 def check(recipe: Recipe, protected: tuple[Path, ...] = ()) -> None:
-    """Every check a run makes before reading tensor data: the inputs' headers, the output
-    directory (never an input, nor ``protected``, nor a directory holding one), each model's
-    task (its functions' signatures, its model against the checkpoint's headers), the
-    vocabularies, and a streaming method's plan (names, shapes, dtypes)."""
+    """Every check a run makes before reading tensor data: that an upload can start (with
+    ``save.push_to_hub``: online, a token), the inputs' headers, the output directory (never
+    an input, nor ``protected``, nor a directory holding one), each model's task (its
+    functions' signatures, its model against the checkpoint's headers), the vocabularies,
+    and a streaming method's plan (names, shapes, dtypes)."""
+    check_publishing(recipe)
     opened = open_models(recipe)
     if recipe.fuse is not None and recipe.save is not None:
         check_output_target(

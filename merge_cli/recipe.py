@@ -14,6 +14,7 @@ import copy
 import difflib
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
@@ -22,6 +23,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -148,6 +150,19 @@ class EvalSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class PushSpec(Strict):
+    """Where ``save.push_to_hub`` uploads the finished output (a Hub model repository).
+
+    ``save.push_to_hub: org/name`` is short for ``{repo_id: org/name}``."""
+
+    repo_id: str = Field(description="the Hub model repository, org/name (created if absent)")
+    private: bool | None = Field(
+        None, description="create the repository private (absent: the Hub's default)"
+    )
+    revision: str | None = Field(None, description="branch to commit to (absent: main)")
+    commit_message: str | None = Field(None, description="message of the upload's commit")
+
+
 class SaveSpec(Strict):
     path: str
     dtype: Literal["float32", "float16", "bfloat16", "keep"] = "keep"
@@ -164,11 +179,16 @@ class SaveSpec(Strict):
         ]
     )
     model_card: bool = True
-    push_to_hub: str | None = None
+    push_to_hub: PushSpec | None = None
     #: Requantize merged weights: ``fp8_block`` writes those the config source stores as
     #: block-scaled FP8 (DeepSeek-V3 layout) in that layout, with scales and
     #: quantization_config; unset writes plain floating point (``dtype``).
     quantize: Literal["fp8_block"] | None = None
+
+    @field_validator("push_to_hub", mode="before")
+    @classmethod
+    def _repo_id_alone(cls, value: Any) -> Any:
+        return {"repo_id": value} if isinstance(value, str) else value
 
     @field_validator("shard_size")
     @classmethod
@@ -176,6 +196,16 @@ class SaveSpec(Strict):
         if value <= 0:
             raise ValueError("must be a positive size such as 5GB or 500MB")
         return value
+
+
+@dataclass
+class RecipeOrigin:
+    """What a recipe was read from, set by :mod:`merge_cli.config`: the user's own files as
+    written (name in the output directory -> text, saved beside the weights) and notes for
+    the user (a mergekit value that has no effect in merge-cli, as in mergekit)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Recipe(Strict):
@@ -188,6 +218,12 @@ class Recipe(Strict):
     extract: ExtractSpec | None = None
     evaluate: list[EvalSpec] = Field(default_factory=list)
     save: SaveSpec | None = None
+    _origin: RecipeOrigin = PrivateAttr(default_factory=RecipeOrigin)
+
+    @property
+    def origin(self) -> RecipeOrigin:
+        """The files the recipe was read from and the warnings for the user (not schema)."""
+        return self._origin
 
     def task_for(self, name: str | None) -> TaskSpec | None:
         """A model's own task if it has one, else the recipe's."""
@@ -275,6 +311,18 @@ def load_yaml(text: str) -> Any:
     loader = BoundedLoader(text)
     try:
         return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def load_yaml_documents(text: str) -> list[Any]:
+    """Every document of a YAML stream, each within MAX_DEPTH and MAX_VALUES."""
+    loader = BoundedLoader(text)
+    try:
+        documents = []
+        while loader.check_data():
+            documents.append(loader.get_data())
+        return documents
     finally:
         loader.dispose()
 
@@ -399,6 +447,6 @@ def _suggest(key: str, candidates: list[str] | None = None) -> str:
 def _known_keys() -> list[str]:
     keys: set[str] = set()
     models = (Recipe, TaskSpec, ModelEntry, AlignSpec, Rule, FuseSpec, ExtractSpec, EvalSpec)
-    for model in (*models, SaveSpec):
+    for model in (*models, SaveSpec, PushSpec):
         keys.update(model.model_fields)
     return sorted(keys)

@@ -18,11 +18,12 @@ from typing import Any
 import yaml
 
 from merge_cli.engine.executor import ExecutionOptions, execute
-from merge_cli.engine.method import TensorMethod, copy_first
+from merge_cli.engine.method import MethodInfo, TensorMethod, copy_first
 from merge_cli.engine.plan import MergePlan, OutputTensor, output_dtype, split_into_shards
 from merge_cli.engine.quantize import quantization_updates
 from merge_cli.errors import OutputError, PlanError
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo
+from merge_cli.io.resolve import HUB_PREFIX, parse_hub_reference
 from merge_cli.io.writer import ShardedWriter
 from merge_cli.options import RunOptions
 from merge_cli.recipe import Recipe
@@ -133,6 +134,7 @@ def save_streaming(
             allow_nonfinite=options.allow_nonfinite,
         ),
         files=files,
+        card=CardInputs(method, checkpoints),
     )
 
 
@@ -146,6 +148,7 @@ def _write_plan(
     execution: ExecutionOptions,
     report: dict[str, Any] | None = None,
     files: dict[str, bytes] | None = None,
+    card: CardInputs | None = None,
 ) -> Path:
     """Run ``plan`` into the recipe's output directory (temp sibling, renamed when done)."""
     assert recipe.save is not None and recipe.fuse is not None
@@ -161,7 +164,7 @@ def _write_plan(
         direct=any(tensor.copy_from is None for tensor in plan.tensors),
     ) as writer:
         execute(plan, method, recipe.fuse, sources, writer, execution, options.progress)
-        write_extras(recipe, writer, config_source, plan.config_updates)
+        write_extras(recipe, writer, config_source, plan.config_updates, card)
         if report:
             writer.write_text(REPORT_FILE, json.dumps(report, indent=2) + "\n")
         for relative, data in (files or {}).items():
@@ -178,6 +181,7 @@ def save_checkpoint(
     config_updates: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
     files: dict[str, bytes] | None = None,
+    method: MethodInfo | None = None,
 ) -> Path:
     """Save a whole-model method's result (any Checkpoint) through the streaming writer.
 
@@ -224,6 +228,7 @@ def save_checkpoint(
         ),
         report,
         files,
+        CardInputs(method, checkpoints),
     )
 
 
@@ -232,8 +237,11 @@ def write_extras(
     writer: ShardedWriter,
     config_source: Checkpoint,
     config_updates: dict[str, Any],
+    card: CardInputs | None = None,
 ) -> None:
-    """Copy config/tokenizer files, apply config updates, write the model card."""
+    """Copy config/tokenizer files, apply config updates (and ``save.dtype`` as
+    config.json's ``torch_dtype``/``dtype``), write the user's own recipe file(s) and the
+    model card."""
     assert recipe.save is not None
     directory = config_source.directory
     copied: set[str] = set()
@@ -250,35 +258,234 @@ def write_extras(
             if any(fnmatch.fnmatch(path.name, pattern) for pattern in recipe.save.copy_files):
                 writer.copy_file(path, path.name)
                 copied.add(path.name)
-    if config_updates:
-        if "config.json" not in copied:
-            raise OutputError(
-                f"{config_source.source}: no config.json to update with {config_updates}"
-            )
+    if config_updates and "config.json" not in copied:
+        raise OutputError(f"{config_source.source}: no config.json to update with {config_updates}")
+    updates = dict(config_updates)
+    if recipe.save.dtype != "keep" and "config.json" in copied:
+        updates.update(_dtype_updates(_read_config(writer.temp) or {}, recipe.save.dtype))
+    if updates:
         config = json.loads((writer.temp / "config.json").read_text())
-        for key, value in config_updates.items():  # None removes a key
+        for key, value in updates.items():  # None removes a key
             if value is None:
                 config.pop(key, None)
             else:
                 config[key] = value
         writer.write_text("config.json", json.dumps(config, indent=2) + "\n")
+    for name, text in recipe.origin.files.items():
+        writer.write_text(name, text)
     if recipe.save.model_card:
-        writer.write_text("README.md", model_card(recipe))
+        card = card or CardInputs()
+        writer.write_text("README.md", model_card(recipe, card, _read_config(writer.temp)))
 
 
-def model_card(recipe: Recipe) -> str:
-    """A Hugging Face model card holding the recipe and the tool version."""
+def _dtype_updates(config: dict[str, Any], dtype: str) -> dict[str, str]:
+    """config.json's dtype keys for shards of ``dtype``: transformers reads ``dtype``
+    (>= 4.56) or ``torch_dtype`` (before), so both are written, and from_pretrained
+    (dtype="auto") loads what the shards hold; nothing when the config already says so."""
+    present = [config[key] for key in ("torch_dtype", "dtype") if key in config]
+    if present and all(value == dtype for value in present):
+        return {}
+    return {"torch_dtype": dtype, "dtype": dtype}
+
+
+# ---------------------------------------------------------------------------------------
+# The model card (Hub conventions: https://huggingface.co/docs/hub/model-cards)
+
+#: The user's recipe as written, saved beside the weights; and a mergekit configuration.
+RECIPE_FILE = "merge_recipe.yaml"
+MERGEKIT_FILE = "mergekit_config.yml"
+
+
+class CardInputs:
+    """What the card says besides the recipe: the method's registry entry (paper) and the
+    opened inputs (their directories hold the licenses of their own cards)."""
+
+    def __init__(
+        self, method: MethodInfo | None = None, inputs: dict[str, Checkpoint] | None = None
+    ):
+        self.method = method
+        self.inputs = inputs or {}
+
+
+def hub_ids(recipe: Recipe) -> dict[str, str]:
+    """Model name -> Hub repo id, for the inputs given as ``hf://org/name[@rev]`` (local
+    paths have none: a card never names them in ``base_model``)."""
+    return {
+        name: parse_hub_reference(entry.path)[0]
+        for name, entry in recipe.models.items()
+        if entry.path.startswith(HUB_PREFIX)
+    }
+
+
+def input_license(checkpoint: Checkpoint) -> str | None:
+    """The ``license`` of an input's own card (README.md front matter), if it has one."""
+    from huggingface_hub import metadata_load
+
+    directory = checkpoint.directory
+    card = directory / "README.md" if directory is not None else None
+    if card is None or not card.is_file():
+        return None
+    try:
+        value = (metadata_load(card) or {}).get("license")
+    except Exception:  # a card whose front matter is not YAML: no license to agree on
+        return None
+    return value if isinstance(value, str) else None
+
+
+def card_metadata(
+    recipe: Recipe,
+    card: CardInputs,
+    config: dict[str, Any] | None,
+    evaluation: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The card's YAML front matter: ``base_model`` (the Hub ids of the inputs) with
+    ``base_model_relation: merge``, ``library_name`` (transformers when config.json names a
+    model type or architecture), tags, the license when every input's card gives the same
+    one, and the merged model's evaluation results as ``model-index``."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    method = recipe.fuse.method if recipe.fuse else None
+    ids = list(dict.fromkeys(hub_ids(recipe).values()))
+    licenses = {input_license(checkpoint) for checkpoint in card.inputs.values()}
+    transformers = bool(config) and any(k in config for k in ("model_type", "architectures"))
+    results = []
+    task = _task_type(config)
+    for row in evaluation or []:
+        if row.get("model") == "merged" and isinstance(row.get("value"), int | float):
+            split = str(row.get("split") or "evaluation")
+            results.append(
+                EvalResult(
+                    task_type=task,
+                    dataset_type=split,
+                    dataset_name=split,
+                    metric_type=str(row["metric"]),
+                    metric_name=str(row["metric"]),
+                    metric_value=row["value"],
+                )
+            )
+    data = ModelCardData(
+        base_model=ids or None,
+        library_name="transformers" if transformers else None,
+        license=licenses.pop() if len(licenses) == 1 and None not in licenses else None,
+        tags=["merge", "merge-cli", *([method] if method else [])],
+        eval_results=results or None,
+        model_name=_model_name(recipe) if results else None,
+    )
+    metadata = data.to_dict()
+    if ids:
+        metadata["base_model_relation"] = "merge"
+    return metadata
+
+
+def _task_type(config: dict[str, Any] | None) -> str:
+    architectures = (config or {}).get("architectures") or []
+    if any(str(a).endswith("ForCausalLM") for a in architectures):
+        return "text-generation"
+    return "other"
+
+
+def _model_name(recipe: Recipe) -> str:
+    assert recipe.save is not None
+    if recipe.save.push_to_hub is not None:
+        return recipe.save.push_to_hub.repo_id.split("/")[-1]
+    return Path(recipe.save.path).name
+
+
+def model_card(
+    recipe: Recipe,
+    card: CardInputs | None = None,
+    config: dict[str, Any] | None = None,
+    evaluation: list[dict[str, Any]] | None = None,
+) -> str:
+    """A Hugging Face model card: the front matter of :func:`card_metadata`, then the
+    method with its paper, the base, the models, the evaluation results and the recipe."""
+    card = card or CardInputs()
+    metadata = card_metadata(recipe, card, config, evaluation)
+    front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
     recipe_yaml = yaml.safe_dump(
         recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
     )
-    method = recipe.fuse.method if recipe.fuse else "none"
-    sources = "\n".join(
-        f"- `{name}`: {entry.path}" + (f" with the LoRA adapter {entry.lora}" if entry.lora else "")
-        for name, entry in recipe.models.items()
-    )
-    return (
-        "---\ntags:\n- merge\n- merge-cli\n---\n\n"
-        f"# Merged model\n\nThis model was produced by merge-cli {__version__} "
-        f"with the `{method}` method from these models:\n\n{sources}\n\n"
-        f"## Recipe\n\n```yaml\n{recipe_yaml}```\n"
-    )
+    ids = hub_ids(recipe)
+    spec = recipe.fuse
+    lines = [f"# {_model_name(recipe)}", ""]
+    lines.append(f"This model is a merge made with merge-cli {__version__}.")
+    lines.append("")
+    if spec is not None:
+        lines += ["## Method", "", f"`{spec.method}`" + _paper(card.method), ""]
+        if spec.base is not None:
+            lines += [f"Base model: {_describe(spec.base, ids)}", ""]
+    lines += ["## Models", ""]
+    fused = set(spec.model_names(list(recipe.models))) if spec is not None else set(recipe.models)
+    for name in recipe.models:
+        role = " (base)" if spec is not None and name == spec.base else ""
+        role = role or ("" if name in fused else " (not fused)")
+        adapter = recipe.models[name].lora
+        if adapter is not None:
+            role += " with the LoRA adapter " + (
+                f"[{adapter.removeprefix('hf://')}](https://huggingface.co/"
+                f"{adapter.removeprefix('hf://').partition('@')[0]})"
+                if adapter.startswith("hf://")
+                else "(a local adapter)"
+            )
+        lines.append(f"- {_describe(name, ids)}{role}")
+    lines.append("")
+    rows = evaluation or []
+    if rows:
+        lines += ["## Evaluation", "", *_table(rows), ""]
+    lines += ["## Recipe", ""]
+    for name in recipe.origin.files:
+        lines.append(f"The file as written is saved beside the weights: `{name}`.")
+    lines += ["", "```yaml", recipe_yaml.rstrip("\n"), "```", ""]
+    return f"---\n{front}---\n\n" + "\n".join(lines)
+
+
+def _paper(method: MethodInfo | None) -> str:
+    if method is None:
+        return ""
+    link = f" ([paper]({method.url}))" if method.url else ""
+    return f": {method.summary} {method.reference}{link}."
+
+
+def _describe(name: str, ids: dict[str, str]) -> str:
+    if name in ids:
+        return f"`{name}`: [{ids[name]}](https://huggingface.co/{ids[name]})"
+    return f"`{name}`: a local checkpoint"
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [_cell(row.get(key)) for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def _read_config(directory: Path) -> dict[str, Any] | None:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def update_model_card(
+    recipe: Recipe,
+    output: Path,
+    card: CardInputs,
+    evaluation: list[dict[str, Any]],
+) -> None:
+    """Rewrite a finished output's card with the evaluation results (the evaluate stage
+    runs on the saved output). Replaced atomically: the card is never half-written."""
+    if not recipe.save or not recipe.save.model_card or not (output / "README.md").exists():
+        return
+    text = model_card(recipe, card, _read_config(output), evaluation)
+    temp = output / ".README.md.tmp"
+    temp.write_text(text)
+    os.replace(temp, output / "README.md")

@@ -188,10 +188,86 @@ CONFIGS: dict[str, dict] = {
         "base_model": "M/base",
         "parameters": {"select_topk": 0.5},
     },
+    # mergekit's tests give these methods a per-model weight, which mergekit ignores:
+    # merge-cli warns and ignores it too (issue 22)
+    "slerp (ignored weight)": {
+        "merge_method": "slerp",
+        "models": [
+            {"model": "M/base", "parameters": {"weight": 0.6}},
+            {"model": "M/math", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+        "parameters": {"t": 0.3},
+    },
+    "karcher (ignored weight)": {
+        "merge_method": "karcher",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+        ],
+    },
+    "model_stock (ignored weight)": {
+        "merge_method": "model_stock",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+    },
+    "model_stock (filter_wise)": {
+        "merge_method": "model_stock",
+        "models": [{"model": "M/math"}, {"model": "M/code"}, {"model": "M/chat"}],
+        "base_model": "M/base",
+        "parameters": {"filter_wise": True},
+    },
+    "sce (ignored weight)": {
+        "merge_method": "sce",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "models": [
+            {"model": "M/base", "parameters": {"weight": 0.6}},
+            {"model": "M/math", "parameters": {"weight": 0.4}},
+        ],
+        "base_model": "M/base",
+        "parameters": {"t": 0.001},
+    },
+    "ram": {
+        "merge_method": "ram",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+            {"model": "M/sparse"},
+        ],
+        "base_model": "M/base",
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "models": [
+            {"model": "M/math", "parameters": {"weight": 0.6}},
+            {"model": "M/code", "parameters": {"weight": 0.4}},
+            {"model": "M/sparse"},
+        ],
+        "base_model": "M/base",
+        "parameters": {"r": 0.05, "alpha": 1.0},
+    },
+    # the indexes of M/sorted_* list names sorted: lm_head.weight before the layers
+    "passthrough (sorted index)": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "M/sorted_math", "layer_range": [0, 3]}]},
+            {"sources": [{"model": "M/sorted_code", "layer_range": [1, 4]}]},
+        ],
+    },
 }
 
 
-def build_models(root: Path) -> None:
+def build_models(root: Path, dtype: str = "float32") -> None:
     base = examples.llama_state_dict(examples.CONFIG, seed=0)
     states = {
         "base": base,
@@ -199,13 +275,24 @@ def build_models(root: Path) -> None:
         "code": examples.variant(base, seed=2, scale=0.05),
         "chat": examples.variant(base, seed=3, scale=0.05),
     }
-    config = {**examples.CONFIG, "torch_dtype": "float32"}
+    config = {**examples.CONFIG, "torch_dtype": dtype}
+    torch_dtype = getattr(torch, dtype)
     for name, state in states.items():
-        examples.save_hf_directory(state, root / name, config, dtype=torch.float32)
+        examples.save_hf_directory(state, root / name, config, dtype=torch_dtype)
+    # a fine-tune that changed a third of the entries only (RAM counts who changed what)
+    generator = torch.Generator().manual_seed(4)
+    states["sparse"] = {
+        name: torch.where(torch.rand(t.shape, generator=generator) < 1 / 3, t, base[name])
+        for name, t in states["chat"].items()
+    }
+    examples.save_hf_directory(states["sparse"], root / "sparse", config, dtype=torch_dtype)
+    for name in ("math", "code"):
+        ordered = dict(sorted(states[name].items()))
+        examples.save_hf_directory(ordered, root / f"sorted_{name}", config, dtype=torch_dtype)
 
 
-def write_config(config: dict, models: Path, path: Path) -> None:
-    text = yaml.safe_dump({**config, "dtype": "float32"}, sort_keys=False)
+def write_config(config: dict, models: Path, path: Path, dtype: str = "float32") -> None:
+    text = yaml.safe_dump({**config, "dtype": dtype}, sort_keys=False)
     path.write_text(text.replace("M/", f"{models}/"))
 
 
@@ -217,6 +304,7 @@ def compare(a: Path, b: Path) -> tuple[float, int, str]:
         missing = sorted(set(left) ^ set(right))[:5]
         raise SystemExit(f"tensor names differ between {a} and {b}: {missing}")
     worst, worst_name, differing, total = 0.0, "", 0, 0
+    steps = [0, 0, 0]  # bfloat16 outputs: entries 0, 1, more than 1 rounding steps apart
     for name, tensor in left.items():
         other = right[name]
         if tensor.shape != other.shape:
@@ -224,9 +312,19 @@ def compare(a: Path, b: Path) -> tuple[float, int, str]:
         gap = (tensor.double() - other.double()).abs()
         differing += int((gap > 1e-6 * (1 + other.double().abs())).sum())
         total += gap.numel()
-        if gap.max().item() > worst:
+        if gap.numel() and gap.max().item() > worst:
             worst, worst_name = gap.max().item(), name
+        if tensor.dtype == other.dtype == torch.bfloat16 and tensor.numel():
+            # one step of bfloat16 at the larger magnitude (8 significant bits)
+            magnitude = torch.maximum(tensor.double().abs(), other.double().abs())
+            step = torch.exp2(torch.floor(torch.log2(magnitude.clamp(min=1e-30))) - 7)
+            units = (gap / step).round()
+            steps[0] += int((units == 0).sum())
+            steps[1] += int((units == 1).sum())
+            steps[2] += int((units > 1).sum())
     detail = f"{differing}/{total} entries differ beyond 1e-6 (relative)"
+    if sum(steps):
+        detail = f"bf16 steps apart: 0: {steps[0]}, 1: {steps[1]}, >1: {steps[2]}"
     if differing:
         detail += f"; largest in {worst_name}"
     return worst, len(left), detail
@@ -236,10 +334,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml")
     parser.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="checkpoints and the configurations' dtype (bfloat16: mergekit computes in "
+        "bfloat16, merge-cli in float32 and rounds once)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="merge-cli-parity-") as tmp:
         root = Path(tmp)
-        build_models(root / "models")
+        build_models(root / "models", args.dtype)
         print(f"{'configuration':28s} {'max |merge-cli - mergekit|':>28s}  tensors  note")
         for label, config in CONFIGS.items():
             if args.only and label not in args.only and config["merge_method"] not in args.only:
@@ -249,7 +354,7 @@ def main() -> None:
                 continue
             slug = "".join(c if c.isalnum() else "_" for c in label)
             path = root / f"{slug}.yaml"
-            write_config(config, root / "models", path)
+            write_config(config, root / "models", path, args.dtype)
             ours, theirs = root / f"ours_{slug}", root / f"theirs_{slug}"
             started = time.perf_counter()
             done = subprocess.run(

@@ -351,7 +351,7 @@ def test_one_slice_over_all_layers_is_the_models_form(tiny_llamas):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"merge_method": "nearswap", "models": TWO}, "merge_method: 'nearswap' is not supported"),
+        ({"merge_method": "arcee_fusion", "models": TWO}, "merge_method: 'arcee_fusion' is not"),
         ({"merge_method": "linear", "models": TWO, "modules": {}}, "modules: per-module"),
         ({"merge_method": "linear", "models": TWO, "tokenizer": {"source": "base"}}, "tokenizer:"),
         ({"merge_method": "linear", "models": TWO, "chat_template": "chatml"}, "chat_template:"),
@@ -713,3 +713,259 @@ def test_convert_reports_errors_with_exit_code(example_dir, cli):
     assert "chat_template" in stderr
     code, stdout, _ = cli("convert", bad, "--json")
     assert code == 2 and not json.loads(stdout)["ok"]
+
+
+# ---------------------------------------------------------------------------------------
+# Values mergekit accepts and ignores: the file runs, with a warning naming the key
+
+
+@pytest.mark.parametrize("method", ["slerp", "karcher", "model_stock", "sce"])
+def test_a_per_model_weight_mergekit_ignores_is_dropped_with_a_warning(method):
+    from merge_cli.mergekit import translate_with_warnings
+
+    config = {
+        "merge_method": method,
+        "base_model": "org/base",
+        "models": [
+            {"model": "org/math", "parameters": {"weight": 0.6}},
+            {"model": "org/code", "parameters": {"weight": 0.4}},
+        ],
+    }
+    if method == "slerp":
+        config["parameters"] = {"t": 0.3}
+    recipe, warnings, _ = translate_with_warnings(config, "mk.yaml")
+    assert warnings == [
+        f"models[{i}].parameters.weight: has no effect with {method} (mergekit ignores it too); "
+        "ignored"
+        for i in (0, 1)
+    ]
+    assert all("weight" not in params for params in recipe["fuse"]["models"].values())
+    assert "weight" not in recipe["fuse"].get("params", {})
+    assert translate(config) == recipe
+
+
+def test_a_native_recipe_stays_strict_about_weight(tiny_llamas):
+    from merge_cli.config import recipe_from_dict
+
+    with pytest.raises(RecipeError, match=r"fuse.models.math.weight"):
+        recipe_from_dict(
+            {
+                "models": {name: str(path) for name, path in tiny_llamas.items()},
+                "fuse": {
+                    "method": "slerp",
+                    "base": "base",
+                    "models": {"math": {"weight": 0.6}},
+                    "params": {"t": 0.3},
+                },
+                "save": {"path": "out"},
+            }
+        )
+
+
+def test_an_ignored_weight_runs_as_mergekit_and_warns(tiny_llamas, tmp_path, cli):
+    import yaml
+
+    def config(weights: bool) -> Path:
+        models = [{"model": str(tiny_llamas[name])} for name in ("math", "code")]
+        if weights:
+            models[0]["parameters"] = {"weight": 0.9}
+            models[1]["parameters"] = {"weight": 0.1}
+        path = tmp_path / f"mk-{weights}.yml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "merge_method": "model_stock",
+                    "base_model": str(tiny_llamas["base"]),
+                    "models": models,
+                    "dtype": "float32",
+                }
+            )
+        )
+        return path
+
+    code, out, err = cli("run", config(True), "--out", tmp_path / "with", "--json")
+    assert code == 0, err
+    assert json.loads(out)["warnings"] == [
+        f"{config(True)}: models[{i}].parameters.weight: has no effect with model_stock "
+        "(mergekit ignores it too); ignored"
+        for i in (0, 1)
+    ]
+    # validate and plan need no --out for a mergekit configuration (it has no output path)
+    code, out, err = cli("validate", config(True))
+    assert code == 0 and err.count("warning:") == 2
+    code, out, err = cli("plan", config(True), "--json")
+    assert code == 0 and len(json.loads(out)["warnings"]) == 2
+    assert json.loads(out)["method"] == "model_stock"
+    code, out, err = cli("plan", config(True))
+    assert code == 0 and err.count("warning:") == 2
+    assert "models[1].parameters.weight: has no effect" in " ".join(err.split())
+    assert cli("run", config(False), "--out", tmp_path / "without")[0] == 0
+    with_weight = load_safetensors_dir(tmp_path / "with")
+    without = load_safetensors_dir(tmp_path / "without")
+    assert with_weight.keys() == without.keys()
+    assert all(torch.equal(with_weight[k], without[k]) for k in without)
+
+
+def test_the_chat_template_refusal_says_merge_cli_writes_none():
+    message = problems_of({"merge_method": "linear", "models": TWO, "chat_template": "chatml"})
+    assert message == (
+        "mk.yaml: chat_template: merge-cli does not write a chat template into the output; "
+        "remove the key and set `chat_template` in the output's tokenizer_config.json after "
+        "the merge"
+    )
+
+
+def _mergekit_file(tmp_path, config) -> Path:
+    path = tmp_path / "mk.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_problems_name_the_keys_as_the_user_wrote_them(tiny_llamas, tmp_path, cli):
+    config = {
+        "merge_method": "passthrough",
+        "models": [{"model": str(tiny_llamas["math"]), "parameters": {"scale": 0.5}}],
+    }
+    code, _, err = cli("validate", _mergekit_file(tmp_path, config))
+    assert code == 2
+    assert " ".join(err.split()) == (
+        f"error: {tmp_path / 'mk.yml'}: models[0].parameters.scale: unknown parameter "
+        "(this method takes: none)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("parameters", "per_model", "message"),
+    [
+        (
+            {"density": 0.66, "epsilon": 0.5, "lambda": 0.5},
+            {},
+            "parameters.density and parameters.epsilon: density - epsilon and density + "
+            "epsilon must lie in (0, 1), got density 0.66 and epsilon 0.5",
+        ),
+        (
+            {"density": 0.5},
+            {"epsilon": 0.6},
+            "parameters.density and models[1].parameters.epsilon: density - epsilon and "
+            "density + epsilon must lie in (0, 1) (model 'code'), got density 0.5 and epsilon 0.6",
+        ),
+        (
+            {"density": [0.5, 0.9], "epsilon": 0.2},
+            {},
+            "parameters.density and parameters.epsilon: density - epsilon and density + "
+            "epsilon must lie in (0, 1), got density 0.9 and epsilon 0.2",
+        ),
+    ],
+)
+def test_della_probability_range_is_checked_at_validate(
+    tiny_llamas, tmp_path, cli, parameters, per_model, message
+):
+    """mergekit refuses density +- epsilon outside (0, 1) (its test_della_invalid_epsilon);
+    merge-cli says so at validate, once, naming the keys as written."""
+    config = {
+        "merge_method": "della",
+        "base_model": str(tiny_llamas["base"]),
+        "models": [
+            {"model": str(tiny_llamas["math"]), "parameters": {"weight": 0.6}},
+            {"model": str(tiny_llamas["code"]), "parameters": {"weight": 0.4, **per_model}},
+        ],
+        "parameters": parameters,
+    }
+    code, _, err = cli("validate", _mergekit_file(tmp_path, config))
+    assert code == 2
+    assert " ".join(err.split()) == f"error: {tmp_path / 'mk.yml'}: {message}"
+
+
+def test_della_range_in_a_native_recipe(tiny_llamas):
+    recipe = {
+        "models": {name: str(path) for name, path in tiny_llamas.items()},
+        "fuse": {
+            "method": "della",
+            "base": "base",
+            "params": {"density": 0.5},
+            "models": {"math": {"epsilon": 0.1}, "code": {}},
+            "rules": [{"match": "*.mlp.*", "models": {"math": {"epsilon": 0.5}}}],
+        },
+        "save": {"path": "out"},
+    }
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_dict(recipe)
+    assert caught.value.problems == [
+        "fuse.params.density and fuse.rules[0].models.math.epsilon: density - epsilon and "
+        "density + epsilon must lie in (0, 1) (model 'math'), got density 0.5 and epsilon 0.5"
+    ]
+    recipe["fuse"]["rules"][0]["models"]["math"]["epsilon"] = 0.45
+    assert recipe_from_dict(recipe).fuse.method == "della"
+
+
+def test_mergekit_multi_and_moe_files_are_named_for_what_they_are(tmp_path, cli):
+    multi = tmp_path / "multi.yml"
+    multi.write_text(
+        "name: first\nmerge_method: linear\nmodels: [{model: a/b}]\n---\n"
+        "name: second\nmerge_method: linear\nmodels: [{model: first}]\n"
+    )
+    code, _, err = cli("validate", multi)
+    assert code == 2 and err.count("error:") == 1
+    assert "2 YAML documents: a mergekit-multi configuration" in " ".join(err.split())
+    moe = tmp_path / "moe.yml"
+    moe.write_text(
+        "base_model: a/base\ngate_mode: hidden\ndtype: bfloat16\nexperts:\n"
+        "  - source_model: a/math\n    positive_prompts: [math]\n"
+    )
+    for command in ("validate", "convert"):
+        code, _, err = cli(command, moe)
+        assert code == 2 and err.count("error:") == 1
+        text = " ".join(err.split())
+        assert "experts: a mergekit-moe configuration is not read by merge-cli" in text
+        assert "unknown key" not in text
+    broken = tmp_path / "broken.yml"
+    broken.write_text("a: [\n")
+    code, _, err = cli("validate", broken)
+    assert code == 2 and "invalid YAML" in err and "Traceback" not in err
+
+
+def test_mergekit_nearswap_test_configuration_translates():
+    """mergekit's test_nearswap_merge: the base listed among the models, per-model weights
+    it ignores, t 0.0001."""
+    from merge_cli.mergekit import translate_with_warnings
+
+    recipe, warnings, _ = translate_with_warnings(
+        {
+            "merge_method": "nearswap",
+            "base_model": "org/a",
+            "models": [
+                {"model": "org/a", "parameters": {"weight": 0.6}},
+                {"model": "org/b", "parameters": {"weight": 0.4}},
+            ],
+            "parameters": {"t": 0.0001},
+        },
+        "mk.yaml",
+    )
+    assert recipe["fuse"]["method"] == "nearswap"
+    assert recipe["fuse"]["base"] == "a"
+    assert list(recipe["fuse"]["models"]) == ["b"]
+    assert recipe["fuse"]["params"] == {"t": 0.0001}
+    assert len(warnings) == 2 and all("has no effect with nearswap" in w for w in warnings)
+
+
+def test_mergekit_ram_test_configurations_translate():
+    """mergekit's test_ram_merge / test_ramplus_tl_merge: per-model weights it ignores."""
+    from merge_cli.mergekit import translate_with_warnings
+
+    for method, params in (("ram", {}), ("ramplus_tl", {"r": 0.05, "alpha": 1.0})):
+        recipe, warnings, _ = translate_with_warnings(
+            {
+                "merge_method": method,
+                "base_model": "org/c",
+                "models": [
+                    {"model": "org/a", "parameters": {"weight": 0.6}},
+                    {"model": "org/b", "parameters": {"weight": 0.4}},
+                ],
+                **({"parameters": params} if params else {}),
+            },
+            "mk.yaml",
+        )
+        assert recipe["fuse"]["method"] == method and recipe["fuse"]["base"] == "c"
+        assert recipe["fuse"].get("params", {}) == params
+        assert list(recipe["fuse"]["models"]) == ["a", "b"]
+        assert len(warnings) == 2

@@ -73,6 +73,7 @@ def test_overwrite_replaces_only_a_merge_cli_output(cli, workspace):
     assert sorted(p.name for p in (workspace / "out").iterdir()) == [
         "README.md",
         "config.json",
+        "merge_recipe.yaml",
         "model.safetensors",
     ]
 

@@ -26,6 +26,7 @@ from merge_cli.cli.render import (
     print_envelope,
     print_evaluation,
     print_json,
+    print_warnings,
 )
 from merge_cli.errors import MergeCliError, RecipeError
 from merge_cli.version import __version__
@@ -45,6 +46,14 @@ SetOpt = Annotated[
 ]
 OutOpt = Annotated[str | None, typer.Option("--out", help="Output directory (sets save.path).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON only.")]
+PushOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        help="Upload the finished output to this Hub model repository, org/name "
+        "(sets save.push_to_hub; the token comes from HF_TOKEN or `hf auth login`).",
+    ),
+]
 
 
 @app.command()
@@ -71,9 +80,10 @@ def run(
         bool,
         typer.Option(help="Write the output even if merged tensors hold NaN or infinite values."),
     ] = False,
+    push_to_hub: PushOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a recipe: load, (align), fuse, save, (evaluate)."""
+    """Run a recipe: load, (align), fuse, save, (evaluate), (upload)."""
     from merge_cli.config import load_recipe
     from merge_cli.options import RunOptions
     from merge_cli.pipeline import run as run_pipeline
@@ -84,8 +94,13 @@ def run(
     # while a merge allocates (docs/performance-notes.md).
     gc.freeze()
 
+    warnings: list[str] = []
+
     def action() -> Any:
-        parsed = load_recipe(recipe, set_, out)
+        parsed = load_recipe(recipe, set_, out, push_to_hub)
+        warnings.extend(parsed.origin.warnings)
+        if not as_json:
+            print_warnings(warnings)
         _check_device(device)
         options = RunOptions(
             device=device,
@@ -105,6 +120,8 @@ def run(
         "plan": result.plan,
         "evaluation": result.evaluation,
         "report": result.report,
+        "commit_url": result.commit_url,
+        "warnings": warnings,
     }
     if as_json:
         print_envelope("run", payload)
@@ -122,6 +139,8 @@ def run(
         console.print(f"  report: {result.output / REPORT_FILE}")
     if result.evaluation:
         print_evaluation(result.evaluation)
+    if result.commit_url:
+        console.print(f"[green]✓[/green] uploaded: {result.commit_url}")
 
 
 @app.command("eval")
@@ -180,21 +199,28 @@ def _check_device(device: str) -> None:
 
 @app.command()
 def validate(
-    recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = None, as_json: JsonOpt = False
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    push_to_hub: PushOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check a recipe and its inputs' headers without reading any tensor data."""
     from merge_cli.config import load_recipe
     from merge_cli.pipeline import check
 
     def action() -> Any:
-        parsed = load_recipe(recipe, set_, out)
+        parsed = load_recipe(recipe, set_, out, push_to_hub, require_output=False)
         check(parsed, protected=(recipe,))
         return parsed
 
     parsed = guarded(as_json, action, "validate")
     if as_json:
-        print_envelope("validate", {"models": list(parsed.models)})
+        print_envelope(
+            "validate", {"models": list(parsed.models), "warnings": parsed.origin.warnings}
+        )
     else:
+        print_warnings(parsed.origin.warnings)
         console.print(f"[green]✓[/green] {recipe} is valid ({len(parsed.models)} models)")
 
 
@@ -207,12 +233,14 @@ def plan(
     from merge_cli.pipeline import plan as plan_run
 
     def action() -> Any:
-        return plan_run(load_recipe(recipe, set_, out))
+        parsed = load_recipe(recipe, set_, out, require_output=False)
+        return {**plan_run(parsed), "warnings": parsed.origin.warnings}
 
     summary = guarded(as_json, action, "plan")
     if as_json:
         print_envelope("plan", summary)
         return
+    print_warnings(summary["warnings"])
     console.print(f"stages: {' → '.join(summary['stages'])}")
     if "bytes_read" not in summary:
         if "note" in summary:
@@ -247,7 +275,8 @@ def convert(
 
     from merge_cli.config import convert_mergekit
 
-    raw = guarded(as_json, lambda: convert_mergekit(config, out), "convert")
+    raw, warnings = guarded(as_json, lambda: convert_mergekit(config, out), "convert")
+    print_warnings(warnings)  # stderr: stdout stays the recipe
     if as_json:
         print_json(raw)
         return

@@ -132,6 +132,14 @@ def guarded(as_json: bool, action: Callable[[], Any], command: str | None = None
         raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
 
 
+def print_warnings(warnings: list[str]) -> None:
+    """Warnings go to stderr, one line each (``--json`` payloads carry them too)."""
+    for warning in warnings:
+        errors.print(
+            f"[yellow]warning[/yellow]: {escape(warning)}", highlight=False, soft_wrap=True
+        )
+
+
 def human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":

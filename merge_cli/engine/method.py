@@ -127,6 +127,8 @@ class MethodInfo:
     family: Literal["weight_average", "ensemble", "connectivity"]
     summary: str
     reference: str
+    #: The paper's address (the model card links it); None where there is no paper.
+    url: str | None = None
     params: type[BaseModel] = NoParams
     model_params: type[BaseModel] = NoParams
     needs_base: bool = False

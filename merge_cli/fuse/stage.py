@@ -62,7 +62,9 @@ def fuse_models(
     files: dict[str, bytes] = {}
     if isinstance(fused, ModelFuseResult):
         fused, report, files = fused.checkpoint, fused.report, fused.files
-    output = save.save_checkpoint(recipe, fused, checkpoints, options, report=report, files=files)
+    output = save.save_checkpoint(
+        recipe, fused, checkpoints, options, report=report, files=files, method=method
+    )
     return FuseResult(output, None, report)
 
 

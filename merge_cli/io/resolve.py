@@ -17,8 +17,10 @@ from merge_cli.io.torch_format import open_torch_checkpoint, torch_index_files
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 HUB_PREFIX = "hf://"
-#: Files fetched from the Hub: weights, configs, tokenizers. Never code.
+#: Files fetched from the Hub: weights, configs, tokenizers, the card (its license goes into
+#: the merged model's card). Never code.
 HUB_PATTERNS = [
+    "README.md",
     "*.safetensors",
     "*.json",
     "tokenizer*",

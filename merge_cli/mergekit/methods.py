@@ -19,7 +19,9 @@ class MergekitMethod:
     ``defaults`` are mergekit's parameter defaults (``REQUIRED`` where it has none);
     ``per_model`` names those set per input model. ``no_effect`` maps a parameter to the value
     at which it changes nothing (dropped; any other value is unsupported); ``ignored`` are
-    parameters mergekit accepts and ignores for this method; ``values`` maps mergekit values
+    parameters mergekit accepts and ignores for this method; ``unused`` are those it accepts
+    and ignores though a user may expect an effect (a per-model ``weight`` given to slerp):
+    dropped with a warning, so a mergekit file runs as it is; ``values`` maps mergekit values
     to merge-cli's; ``fixed`` are merge-cli parameters that select mergekit's behaviour.
     """
 
@@ -28,6 +30,7 @@ class MergekitMethod:
     per_model: tuple[str, ...] = ()
     no_effect: dict[str, Any] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
     values: dict[str, dict[Any, Any]] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
 
@@ -88,7 +91,9 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     ),
     "della": _task_vectors(True, True, {"epsilon": 0.15}, **_RESCALE_L1),
     "della_linear": _task_vectors(False, True, {"epsilon": 0.15}, **_RESCALE_L1),
-    "slerp": MergekitMethod("required", {"t": REQUIRED}),
+    # mergekit 0.1.5 reads no per-model weight in slerp, karcher, model_stock or sce (its
+    # tests give them one all the same).
+    "slerp": MergekitMethod("required", {"t": REQUIRED}, unused=("weight",)),
     "nuslerp": MergekitMethod(
         "optional",
         {"nuslerp_row_wise": False, "nuslerp_flatten": True, "weight": REQUIRED},
@@ -97,10 +102,19 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "multislerp": MergekitMethod(
         "optional", {"normalize_weights": True, "eps": 1e-8, "weight": REQUIRED}, ("weight",)
     ),
-    "karcher": MergekitMethod("ignored", {"max_iter": 10, "tol": 1e-5}),
-    "model_stock": MergekitMethod("required", {"filter_wise": False}),
+    "karcher": MergekitMethod("ignored", {"max_iter": 10, "tol": 1e-5}, unused=("weight",)),
+    "model_stock": MergekitMethod("required", {"filter_wise": False}, unused=("weight",)),
+    # NearSwap reads no per-model weight either (mergekit's own test gives one).
+    "nearswap": MergekitMethod("required", {"t": REQUIRED}, unused=("weight",)),
+    "ram": MergekitMethod("required", {"epsilon": 1e-5}, unused=("weight",)),
+    "ramplus_tl": MergekitMethod(
+        "required", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, unused=("weight",)
+    ),
     "sce": MergekitMethod(
-        "required", {"select_topk": 1.0, "int8_mask": False}, ignored=("int8_mask",)
+        "required",
+        {"select_topk": 1.0, "int8_mask": False},
+        ignored=("int8_mask",),
+        unused=("weight",),
     ),
 }
 

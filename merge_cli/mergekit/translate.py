@@ -21,9 +21,11 @@ from merge_cli.recipe import Rule
 
 #: Top-level keys of a mergekit configuration that merge-cli does not support.
 _UNSUPPORTED_TOP = {
-    "modules": "per-module merges (multimodal models) are not supported",
-    "tokenizer": "tokenizer surgery (added tokens, pad_to_multiple_of) is not supported",
-    "chat_template": "setting a chat template is not supported; edit tokenizer_config.json",
+    "modules": "per-module merges (multimodal models) are not supported by merge-cli",
+    "tokenizer": "tokenizer surgery (added tokens, pad_to_multiple_of) is not supported by "
+    "merge-cli",
+    "chat_template": "merge-cli does not write a chat template into the output; remove the "
+    "key and set `chat_template` in the output's tokenizer_config.json after the merge",
 }
 _KNOWN_TOP = {
     "merge_method",
@@ -55,6 +57,10 @@ class Translator:
         self.raw = raw
         self.source = source
         self.problems: list[str] = []
+        #: What the user should know though the configuration runs (a value with no effect).
+        self.warnings: list[str] = []
+        #: Key paths of the translated recipe -> where the user wrote them (for messages).
+        self.key_map: dict[str, str] = {}
 
     def fail_if_problems(self) -> None:
         if self.problems:
@@ -108,6 +114,7 @@ class Translator:
             save["dtype"] = dtype
         self.tokenizer_source(fuse, names[base_ref] if base_ref is not None else None)
         self.fail_if_problems()
+        self.map_keys(inputs, names, base_ref, stacked)
         recipe: dict[str, Any] = {
             "models": {names[ref]: model_entry(ref) for ref in references},
             "fuse": fuse,
@@ -116,6 +123,34 @@ class Translator:
             recipe["save"] = save
         return recipe
 
+    def map_keys(
+        self,
+        inputs: list[tuple[str, dict[str, Any]]],
+        names: _ModelNames,
+        base_ref: str | None,
+        stacked: list[_Stacked] | None,
+    ) -> None:
+        """Record where each translated key came from, so that a problem the recipe checks
+        find names the key as the user wrote it (``models[0].parameters.scale``, not
+        ``fuse.models.a.scale``)."""
+        key_map = {
+            "fuse.method": "merge_method",
+            "fuse.params": "parameters",
+            "fuse.tokenizer_source": "tokenizer_source",
+            "save.dtype": "out_dtype" if self.raw.get("out_dtype") else "dtype",
+        }
+        kind = "slices[0].sources" if self.raw.get("slices") else "models"
+        for i, (ref, _params) in enumerate(inputs):
+            key_map.setdefault(f"fuse.models.{names[ref]}", f"{kind}[{i}].parameters")
+            key_map.setdefault(f"models.{names[ref]}", f"{kind}[{i}].model")
+        if base_ref is not None:
+            key_map["fuse.base"] = "base_model"
+            key_map.setdefault(f"models.{names[base_ref]}", "base_model")
+        for i, _piece in enumerate(stacked or []):
+            key_map[f"fuse.params.slices[{i}].layers"] = f"slices[{i}].sources[0].layer_range"
+            key_map[f"fuse.params.slices[{i}]"] = f"slices[{i}].sources[0]"
+        self.key_map = key_map
+
     # -- steps ----------------------------------------------------------------------------
 
     def method(self) -> tuple[str, MergekitMethod]:
@@ -123,7 +158,7 @@ class Translator:
         raw = self.raw
         for key in raw:
             if key in _UNSUPPORTED_TOP and raw[key] is not None:
-                self.problems.append(f"{key}: {_UNSUPPORTED_TOP[key]} by merge-cli")
+                self.problems.append(f"{key}: {_UNSUPPORTED_TOP[key]}")
             elif key not in _KNOWN_TOP:
                 self.problems.append(f"{key}: unknown key in a mergekit configuration")
         method_name = raw.get("merge_method")
@@ -389,6 +424,12 @@ class Translator:
         for key in params:
             if key in allowed:
                 continue
+            if key in method.unused:
+                self.warnings.append(
+                    f"{where}.{key}: has no effect with {method_name} (mergekit ignores it "
+                    "too); ignored"
+                )
+                continue
             if per_model and key in method.shared:
                 self.problems.append(
                     f"{where}.{key}: a method-wide parameter of mergekit's {method_name}; "
@@ -415,7 +456,7 @@ class Translator:
         """Drop what has no effect, reject what merge-cli cannot do, map mergekit's values."""
         prepared = {}
         for key, setting in params.items():
-            if key in method.ignored:
+            if key in method.ignored or key in method.unused:
                 continue
             if key in method.no_effect:
                 neutral = method.no_effect[key]

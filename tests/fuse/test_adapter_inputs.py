@@ -64,7 +64,9 @@ def test_ties_of_adapters_equals_ties_of_merged_models(cli, tmp_path, two_adapte
     changed = [n for n in expected if not torch.equal(expected[n], base_state[n])]
     assert len(changed) == 2 * 5  # q, k, v, o, up of both layers (up_proj from `code` only)
     card = (tmp_path / "a" / "README.md").read_text()
-    assert f"with the LoRA adapter {adapters['math']}" in card
+    # the model list names no local path; the recipe in the card holds the adapter's
+    assert "`math`: a local checkpoint with the LoRA adapter (a local adapter)" in card
+    assert f"lora: {adapters['math']}" in card
 
 
 def test_linear_of_one_adapter_is_merge_and_unload(cli, tmp_path, two_adapters):

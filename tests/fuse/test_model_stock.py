@@ -49,3 +49,22 @@ def test_model_stock_chunked_equals_whole(tmp_path):
         whole, chunked = chunked_equals_whole(tmp_path, "model_stock", models, params=params)
         for key in whole:
             assert torch.equal(whole[key], chunked[key]), (params, key)
+
+
+def test_model_stock_filter_wise_4d_takes_the_cosine_along_the_last_dimension(tmp_path):
+    """mergekit reduces over dim=-1: a conv kernel [out, in, kh, kw] gets one ratio per
+    [out, in, kh, :] vector, not one per output channel."""
+    base = torch.zeros(2, 1, 2, 2)
+    a = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]], [[[1.0, 2.0], [3.0, 4.0]]]])
+    b = torch.tensor([[[[0.0, 1.0], [2.0, 2.0]]], [[[1.0, 2.0], [3.0, 4.0]]]])
+    models = {"base": {"w": base}, "a": {"w": a}, "b": {"w": b}}
+    out = merge(tmp_path, "model_stock", models, params={"filter_wise": True})
+    # channel 0: kh 0 orthogonal (t 0: the base), kh 1 parallel (t 1: the mean);
+    # per output channel the cosine would be 0.77 for both rows
+    expected = torch.tensor([[[[0.0, 0.0], [1.5, 1.5]]], [[[1.0, 2.0], [3.0, 4.0]]]])
+    assert torch.allclose(out["w"], expected, atol=1e-6)
+    models = random_models(["base", "a", "b", "c"], {"conv": (6, 3, 2, 5)})
+    whole, chunked = chunked_equals_whole(
+        tmp_path, "model_stock", models, params={"filter_wise": True}
+    )
+    assert torch.equal(whole["conv"], chunked["conv"])

@@ -109,3 +109,49 @@ def test_slice_out_of_range(tiny_llamas, tmp_path):
     ):
         run(recipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_stacking_takes_the_head_by_role_not_storage_order(example_models, tmp_path):
+    """Indexes list names sorted, so ``lm_head.weight`` is stored before the layers: it must
+    still come, with the final norm, from the last slice's model (mergekit's
+    orcamini-platy-44layer frankenmerge), and the embeddings from the first slice's."""
+    import yaml
+
+    from merge_cli.config import load_recipe
+
+    base = example_models.llama_state_dict(example_models.CONFIG, seed=0)
+    paths = {}
+    for name, seed in (("first", 1), ("last", 2)):
+        state = dict(sorted(example_models.variant(base, seed=seed, scale=0.5).items()))
+        paths[name] = tmp_path / name
+        example_models.save_hf_directory(state, paths[name], example_models.CONFIG, shards=3)
+    index = json.loads((paths["first"] / "model.safetensors.index.json").read_text())
+    stored = list(index["weight_map"])
+    assert stored.index("lm_head.weight") < stored.index("model.layers.0.mlp.up_proj.weight")
+    assert index["weight_map"]["lm_head.weight"] == "model-00001-of-00003.safetensors"
+    config = tmp_path / "stack.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "passthrough",
+                "dtype": "bfloat16",
+                "slices": [
+                    {"sources": [{"model": str(paths["first"]), "layer_range": [0, 3]}]},
+                    {"sources": [{"model": str(paths["last"]), "layer_range": [1, 4]}]},
+                ],
+            }
+        )
+    )
+    output = run(load_recipe(config, out=str(tmp_path / "out"))).output
+    out = load_safetensors_dir(output)
+    first = load_safetensors_dir(paths["first"])
+    last = load_safetensors_dir(paths["last"])
+    assert not torch.equal(first["lm_head.weight"], last["lm_head.weight"])
+    assert torch.equal(out["lm_head.weight"], last["lm_head.weight"])
+    assert torch.equal(out["model.norm.weight"], last["model.norm.weight"])
+    assert torch.equal(out["model.embed_tokens.weight"], first["model.embed_tokens.weight"])
+    assert torch.equal(
+        out["model.layers.3.self_attn.q_proj.weight"],
+        last["model.layers.1.self_attn.q_proj.weight"],
+    )
+    assert len(out) == len(first) + 2 * 9

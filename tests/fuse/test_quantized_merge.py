@@ -323,7 +323,10 @@ def test_fp8_block_output_loads_in_transformers_with_its_quantization_config(
     )
     run(recipe)
     out = tmp_path / "out"
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    # config.json says bfloat16 (save.dtype); computed in float32 here, like the reference
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
     model.eval()

@@ -188,6 +188,7 @@ def test_two_concurrent_runs_end_with_one_complete_output(tmp_path, models):
     assert_output(tmp_path)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "README.md",
+        "merge_recipe.yaml",
         "model.safetensors",
     ]
     assert leftovers(tmp_path) == []

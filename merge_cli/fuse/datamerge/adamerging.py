@@ -231,6 +231,7 @@ def fuse_adamerging(recipe: Recipe, checkpoints: dict[str, Checkpoint], options:
 
 METHOD = ModelMethod(
     name="adamerging",
+    url="https://arxiv.org/abs/2310.02575",
     family="weight_average",
     summary="Task arithmetic with task- or layer-wise coefficients learned by minimising "
     "prediction entropy on unlabelled inputs.",

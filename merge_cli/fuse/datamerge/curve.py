@@ -86,6 +86,7 @@ def fuse_curve(
 
 METHOD = ModelMethod(
     name="curve",
+    url="https://arxiv.org/abs/1802.10026",
     family="connectivity",
     summary="Train a Bezier curve or polygonal chain between two models (mode connectivity); "
     "save the model at t and the bend.",

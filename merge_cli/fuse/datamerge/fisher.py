@@ -227,6 +227,7 @@ def _cache_bytes(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> int:
 
 METHOD = ModelMethod(
     name="fisher",
+    url="https://arxiv.org/abs/2111.09832",
     family="weight_average",
     summary="Fisher-weighted average: each parameter weighted by each model's diagonal "
     "Fisher information from its own task's data.",

@@ -125,6 +125,7 @@ def fuse_greedy_soup(
 
 METHOD = ModelMethod(
     name="greedy_soup",
+    url="https://arxiv.org/abs/2203.05482",
     family="weight_average",
     summary="Greedy model soup: add fine-tunes in order of held-out score while the soup's "
     "held-out score does not drop.",

@@ -198,6 +198,7 @@ def _cache_bytes(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> int:
 
 METHOD = ModelMethod(
     name="regmean",
+    url="https://arxiv.org/abs/2212.09849",
     family="weight_average",
     summary="Regression mean: linear layers merged in closed form from each model's input "
     "Gram matrices on its own data; other tensors averaged.",

@@ -346,6 +346,7 @@ def fuse_distill(
 
 METHOD = ModelMethod(
     name="distill",
+    url="https://arxiv.org/abs/1503.02531",
     family="ensemble",
     summary="Train one student (from a merge of the members or one model) to match the "
     "ensemble's softened outputs on the task's train data, checking val each epoch.",

@@ -331,6 +331,8 @@ def fuse_ensemble(recipe: Recipe, checkpoints: dict[str, Checkpoint], options: R
             "fit": fit,
         }
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for file_name, text in recipe.origin.files.items():
+            (staged / file_name).write_text(text)
         if recipe.save.model_card:
             (staged / "README.md").write_text(save.model_card(recipe))
     return target
@@ -350,6 +352,7 @@ def portable_task(spec: TaskSpec) -> dict[str, Any]:
 
 METHOD = ModelMethod(
     name="ensemble",
+    url="https://arxiv.org/abs/1612.01474",
     family="ensemble",
     summary="Combine the members' outputs (mean logits, mean probabilities, vote, or a weighted "
     "mixture fitted on val); saved as an ensemble directory.",

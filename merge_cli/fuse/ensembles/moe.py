@@ -331,6 +331,7 @@ def _plan_tensors(
 
 METHOD = TensorMethod(
     name="moe",
+    url="https://arxiv.org/abs/2401.04088",
     family="ensemble",
     summary="Assemble a Mixtral mixture of experts from a dense Llama/Mistral base (attention, "
     "norms, embeddings) and N dense experts (one MLP each), with a hidden-state router.",

@@ -11,7 +11,9 @@ from merge_cli.fuse.tensorwise import (
     linear,
     model_stock,
     multislerp,
+    nearswap,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,
@@ -33,5 +35,7 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         *multislerp.METHODS,
         model_stock.METHOD,
         sce.METHOD,
+        nearswap.METHOD,
+        *ram.METHODS,
     )
 }

@@ -101,6 +101,7 @@ BreadcrumbsTiesParams = task_vector_params(
 
 BREADCRUMBS = TensorMethod(
     name="breadcrumbs",
+    url="https://arxiv.org/abs/2312.06795",
     family="weight_average",
     summary="Drop the largest (gamma) and smallest task-vector entries, add the rest to the base.",
     reference="Davari & Belilovsky 2024, Model Breadcrumbs (ECCV)",
@@ -113,6 +114,7 @@ BREADCRUMBS = TensorMethod(
 
 BREADCRUMBS_TIES = TensorMethod(
     name="breadcrumbs_ties",
+    url="https://arxiv.org/abs/2312.06795",
     family="weight_average",
     summary="Breadcrumbs' outlier and small-entry masks, then TIES's sign election and mean.",
     reference="Davari & Belilovsky 2024 (ECCV); Yadav et al. 2023 (TIES), NeurIPS",

@@ -178,6 +178,7 @@ DareTiesParams = task_vector_params("DareTiesParams", normalize=True, rescale=RE
 
 DARE_LINEAR = TensorMethod(
     name="dare_linear",
+    url="https://arxiv.org/abs/2311.03099",
     family="weight_average",
     summary="Drop task-vector entries at random (keep `density`), rescale, add to the base.",
     reference="Yu et al. 2024, Language models are Super Mario (DARE), ICML",
@@ -190,6 +191,7 @@ DARE_LINEAR = TensorMethod(
 
 DARE_TIES = TensorMethod(
     name="dare_ties",
+    url="https://arxiv.org/abs/2311.03099",
     family="weight_average",
     summary="DARE's random drop and rescale, then TIES's sign election and disjoint mean.",
     reference="Yu et al. 2024 (DARE), ICML; Yadav et al. 2023 (TIES), NeurIPS",

@@ -27,9 +27,11 @@ from pydantic import Field, model_validator
 
 from merge_cli.engine.chunks import ChunkPasses, as_rows, task_vectors
 from merge_cli.engine.method import TensorJob, TensorMethod
+from merge_cli.engine.params import interpolate
 from merge_cli.fuse.tensorwise.dare import RESCALE_FIELD, l1_rescale, pruned, random_keep
 from merge_cli.fuse.tensorwise.task_arithmetic import onto_base, task_vector_params
 from merge_cli.fuse.tensorwise.ties import DensityParams
+from merge_cli.recipe import FuseSpec
 
 
 class DellaModelParams(DensityParams):
@@ -47,6 +49,50 @@ class DellaModelParams(DensityParams):
                 f"{self.density} and epsilon {self.epsilon}"
             )
         return self
+
+
+def _values_at_knots(density: Any, epsilon: Any) -> list[tuple[float, float]]:
+    """(density, epsilon) wherever either gradient has a knot: both are piecewise linear,
+    so the range holds everywhere when it holds there."""
+    lists = [v if isinstance(v, list) else [v] for v in (density, epsilon)]
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for v in lists for x in v):
+        return []  # not numbers: the parameter checks report it
+    knots = sorted({i / max(len(v) - 1, 1) for v in lists for i in range(len(v))})
+    return [(interpolate(lists[0], k), interpolate(lists[1], k)) for k in knots]
+
+
+def check_probability_range(spec: FuseSpec, fused: list[str]) -> list[str]:
+    """density - epsilon and density + epsilon in (0, 1) for every model, every rule that
+    sets either (as the per-tensor check at merge time), reported with the recipe's other
+    problems, before any tensor is read."""
+    problems = []
+    for name in fused:
+        scopes = [(spec.model_values(name), spec.params, "fuse")]
+        for i, rule in enumerate(spec.rules):
+            scopes.append((rule.models.get(name, {}), rule.params, f"fuse.rules[{i}]"))
+        found = {"density": (1.0, "default"), "epsilon": (0.15, "default")}
+        for j, (own, shared, where) in enumerate(scopes):
+            values = dict(found)
+            for key in values:
+                if key in own:
+                    values[key] = (own[key], f"{where}.models.{name}.{key}")
+                elif key in shared:
+                    values[key] = (shared[key], f"{where}.params.{key}")
+            if j == 0:
+                found = values
+            elif values == found:
+                continue
+            (density, d_where), (epsilon, e_where) = values["density"], values["epsilon"]
+            for d, e in _values_at_knots(density, epsilon):
+                if d < 1 and not (d - e > 0 and d + e < 1):
+                    per_model = ".models." in d_where + e_where
+                    problems.append(
+                        f"{d_where} and {e_where}: density - epsilon and density + epsilon "
+                        f"must lie in (0, 1){f' (model {name!r})' if per_model else ''}, got "
+                        f"density {d:g} and epsilon {e:g}"
+                    )
+                    break
+    return list(dict.fromkeys(problems))
 
 
 def rank_fraction(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -143,24 +189,28 @@ DellaLinearParams = task_vector_params("DellaLinearParams", normalize=False, res
 
 DELLA = TensorMethod(
     name="della",
+    url="https://arxiv.org/abs/2406.11617",
     family="weight_average",
     summary="Magnitude-ranked random drops (MagPrune), rescale, TIES sign election and mean.",
     reference="Deep et al. 2024, DELLA-Merging: magnitude-based sampling (MagPrune)",
     params=DellaParams,
     model_params=DellaModelParams,
     needs_base=True,
+    check=check_probability_range,
     merge=_merge_with(elect_sign=True),
     statistics=_statistics,
 )
 
 DELLA_LINEAR = TensorMethod(
     name="della_linear",
+    url="https://arxiv.org/abs/2406.11617",
     family="weight_average",
     summary="Magnitude-ranked random drops (MagPrune), rescale, weighted sum onto the base.",
     reference="Deep et al. 2024, DELLA-Merging: magnitude-based sampling (MagPrune)",
     params=DellaLinearParams,
     model_params=DellaModelParams,
     needs_base=True,
+    check=check_probability_range,
     merge=_merge_with(elect_sign=False),
     statistics=_statistics,
 )

@@ -89,6 +89,7 @@ def _merge(
 
 METHOD = TensorMethod(
     name="linear",
+    url="https://arxiv.org/abs/2203.05482",
     family="weight_average",
     summary="Weighted average of the models' parameters (uniform or weighted model soup).",
     reference="Wortsman et al. 2022, Model soups (ICML)",

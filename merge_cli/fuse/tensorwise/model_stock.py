@@ -8,8 +8,10 @@ N fine-tuned models w_i of a pre-trained w_0 and theta the angle between their t
 
 For N > 2 the cosine is the mean over pairs of task vectors (mergekit's reading of the
 paper). The angle is taken per tensor over the whole tensor, from the Gram matrix of the task
-vectors (exact under chunking), or per row with ``filter_wise: true`` (a 1-D tensor is one
-row), as mergekit's ``model_stock``.
+vectors (exact under chunking), or with ``filter_wise: true`` per vector along the last
+dimension, as mergekit's ``model_stock`` takes it (its cosine is a reduction over ``dim=-1``):
+per row of a matrix, per kernel row ``[out, in, kh, :]`` of a 4-D convolution, and a 1-D
+tensor is one vector.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge_cli.engine.chunks import ChunkPasses, as_rows, gram_per_row, stacked_task_vectors
+from merge_cli.engine.chunks import ChunkPasses, gram_per_row, stacked_task_vectors
 from merge_cli.engine.method import TensorJob, TensorMethod
 
 
 class ModelStockParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    filter_wise: bool = Field(False, description="one ratio per row instead of per tensor")
+    filter_wise: bool = Field(
+        False, description="one ratio per vector along the last dimension, not per tensor"
+    )
 
 
 def interpolation_ratio(gram: torch.Tensor) -> torch.Tensor:
@@ -58,9 +62,11 @@ def _merge(job: TensorJob, params: ModelStockParams, _models: Any, ratio: Any) -
     assert job.base is not None
     if ratio is None:
         deltas = stacked_task_vectors(job)
-        t = interpolation_ratio(gram_per_row(deltas)).to(job.base.dtype)
-        mean = deltas.mean(0)
-        return (as_rows(mean) * t[:, None]).reshape(mean.shape).add_(job.base)
+        # vectors along the last dimension: [n, vectors, last]; a chunk holds whole ones
+        vectors = deltas.reshape(len(job.models), -1, deltas.shape[-1])
+        t = interpolation_ratio(gram_per_row(vectors)).to(job.base.dtype)
+        mean = vectors.mean(0)
+        return (mean * t[:, None]).reshape(job.base.shape).add_(job.base)
     # base + t (mean(models) - base) = t/N sum(models) + (1 - t) base: four passes fewer.
     t = float(ratio)
     merged = job.models[0]
@@ -71,6 +77,7 @@ def _merge(job: TensorJob, params: ModelStockParams, _models: Any, ratio: Any) -
 
 METHOD = TensorMethod(
     name="model_stock",
+    url="https://arxiv.org/abs/2403.19522",
     family="weight_average",
     summary="Move from the base toward the fine-tuned mean by a ratio set by their angle.",
     reference="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models",

@@ -7,6 +7,14 @@ order and ``num_hidden_layers`` in config.json is updated. Tensors outside the l
 (embeddings, final norm, lm_head) come from the base model, or the first slice's model;
 ``head_from`` takes those after the layers (final norm, lm_head) from another model, as
 mergekit does with the last slice's model.
+
+Which tensors come before the layers and which after is decided by their role, never by
+their storage order: safetensors headers and index files list names sorted, so
+``lm_head.weight`` is stored before ``model.layers.0``. Embeddings (the names the layer
+gradients also place before the layers, :data:`~merge_cli.engine.params.PRE_LAYER_PATTERN`)
+feed the layers; every other tensor outside the layers (final norm, lm_head, classifier
+heads, pooler) reads their output, as mergekit's ``pre_weights``/``post_weights`` split
+them.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merge_cli.engine.method import TensorMethod, copy_first
-from merge_cli.engine.params import LAYER_PATTERN, count_layers, layer_index
+from merge_cli.engine.params import LAYER_PATTERN, PRE_LAYER_PATTERN, count_layers, layer_index
 from merge_cli.engine.plan import OutputTensor, output_dtype
 from merge_cli.errors import PlanError
 from merge_cli.io.checkpoint import Checkpoint
@@ -66,6 +74,13 @@ def stacked_layer_sources(
     return result
 
 
+def _role(name: str) -> str:
+    """``layer``, ``before`` (embeddings) or ``after`` (final norm, lm_head, heads)."""
+    if layer_index(name) is not None:
+        return "layer"
+    return "before" if PRE_LAYER_PATTERN.search(name) else "after"
+
+
 def _renumber(name: str, new_index: int) -> str:
     found = LAYER_PATTERN.search(name)
     assert found is not None
@@ -108,16 +123,9 @@ def _plan_tensors(
     if problems:
         raise PlanError("\n".join(problems))
     source = base or params.slices[0].model
-    outer = [n for n in names_by_model[source] if layer_index(n) is None]
-    first_layer = next(
-        (i for i, n in enumerate(names_by_model[source]) if layer_index(n) is not None),
-        len(names_by_model[source]),
-    )
-    before = [n for n in outer if names_by_model[source].index(n) < first_layer]
-    after = [n for n in outer if n not in before]
     head = params.head_from or source
-    if head != source:
-        after = [n for n in names_by_model[head] if layer_index(n) is None and n not in before]
+    before = [n for n in names_by_model[source] if _role(n) == "before"]
+    after = [n for n in names_by_model[head] if _role(n) == "after"]
     layers = stacked_layer_sources(params.slices, names_by_model)
     tensors = [copied(n, source, n) for n in before]
     tensors += [copied(out, model, name) for out, model, name in layers]
@@ -128,6 +136,7 @@ def _plan_tensors(
 
 METHOD = TensorMethod(
     name="passthrough",
+    url="https://arxiv.org/abs/2312.15166",
     family="weight_average",
     summary="Copy one model's tensors, or stack layer ranges of several models into a deeper one.",
     reference="Kim et al. 2023, SOLAR 10.7B (depth up-scaling); mergekit passthrough",

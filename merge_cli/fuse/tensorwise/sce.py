@@ -100,6 +100,7 @@ def _merge(job: TensorJob, _params: SceParams, _models: Any, stats: Any) -> torc
 
 METHOD = TensorMethod(
     name="sce",
+    url="https://arxiv.org/abs/2408.07990",
     family="weight_average",
     summary="Select high-variance entries, weight models by energy, erase minority signs.",
     reference="Wan et al. 2024, FuseChat: Knowledge fusion of chat models (SCE)",

@@ -100,6 +100,7 @@ def _slerp(job: TensorJob, params: SlerpParams, _models: Any, gram: Any) -> torc
 
 SLERP = TensorMethod(
     name="slerp",
+    url="https://doi.org/10.1145/325165.325242",
     family="weight_average",
     summary="Spherical interpolation between two models (t=0: base or first, t=1: the other).",
     reference="Shoemake 1985 (SLERP); mergekit's slerp (Goddard et al. 2024)",
@@ -176,6 +177,7 @@ def _nuslerp(
 
 NUSLERP = TensorMethod(
     name="nuslerp",
+    url="https://arxiv.org/abs/2403.13257",
     family="weight_average",
     summary="SLERP of two models (or their task vectors) with t from per-model weights.",
     reference="mergekit's nuslerp (Goddard et al. 2024); Shoemake 1985 (SLERP)",

@@ -128,6 +128,7 @@ TaskArithmeticParams = task_vector_params("TaskArithmeticParams", normalize=Fals
 
 METHOD = TensorMethod(
     name="task_arithmetic",
+    url="https://arxiv.org/abs/2212.04089",
     family="weight_average",
     summary="Base plus lambda times the weighted sum of task vectors (fine-tuned minus base).",
     reference="Ilharco et al. 2023, Editing models with task arithmetic (ICLR)",

@@ -91,6 +91,7 @@ TiesParams = task_vector_params("TiesParams", normalize=True)
 
 METHOD = TensorMethod(
     name="ties",
+    url="https://arxiv.org/abs/2306.01708",
     family="weight_average",
     summary="Trim task vectors to the largest magnitudes, elect signs, average the agreeing.",
     reference="Yadav et al. 2023, TIES-Merging: Resolving interference when merging models",
