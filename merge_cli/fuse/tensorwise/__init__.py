@@ -8,6 +8,7 @@ from merge_cli.fuse.tensorwise import (
     breadcrumbs,
     dare,
     della,
+    iso,
     linear,
     model_stock,
     multislerp,
@@ -16,6 +17,7 @@ from merge_cli.fuse.tensorwise import (
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 
 #: Every per-tensor weight-averaging method by name, in the order ``merge-cli methods`` lists.
@@ -33,5 +35,7 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         *multislerp.METHODS,
         model_stock.METHOD,
         sce.METHOD,
+        tsv.METHOD,
+        *iso.METHODS,
     )
 }
