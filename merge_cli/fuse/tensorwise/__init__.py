@@ -6,6 +6,7 @@ from __future__ import annotations
 from merge_cli.engine.method import TensorMethod
 from merge_cli.fuse.tensorwise import (
     breadcrumbs,
+    consensus,
     dare,
     della,
     iso,
@@ -37,5 +38,6 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         sce.METHOD,
         tsv.METHOD,
         *iso.METHODS,
+        *consensus.METHODS,
     )
 }
