@@ -19,6 +19,7 @@ from merge_cli.fuse.tensorwise import (
     task_arithmetic,
     ties,
     tsv,
+    wudi,
 )
 
 #: Every per-tensor weight-averaging method by name, in the order ``merge-cli methods`` lists.
@@ -39,5 +40,6 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         tsv.METHOD,
         *iso.METHODS,
         *consensus.METHODS,
+        wudi.METHOD,
     )
 }
