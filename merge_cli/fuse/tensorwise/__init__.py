@@ -11,6 +11,7 @@ from merge_cli.fuse.tensorwise import (
     della,
     iso,
     linear,
+    localize_stitch,
     model_stock,
     multislerp,
     passthrough,
@@ -41,5 +42,6 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         *iso.METHODS,
         *consensus.METHODS,
         wudi.METHOD,
+        localize_stitch.METHOD,
     )
 }
