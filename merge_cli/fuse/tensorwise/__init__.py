@@ -17,6 +17,7 @@ from merge_cli.fuse.tensorwise import (
     passthrough,
     sce,
     slerp,
+    svc,
     task_arithmetic,
     ties,
     tsv,
@@ -43,5 +44,6 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         *consensus.METHODS,
         wudi.METHOD,
         localize_stitch.METHOD,
+        *svc.METHODS,
     )
 }
