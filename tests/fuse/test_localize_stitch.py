@@ -85,3 +85,19 @@ def test_sparsity_cannot_vary_per_tensor(tmp_path):
     }
     with pytest.raises(RecipeError, match="whole-model fraction"):
         recipe_from_dict(raw)
+
+
+def test_weights_scale_each_task_after_localization(tmp_path):
+    # the masks of test_localize_stitch_by_hand; a weighs 2, b 0.5: w0 = (8 + 1) / 2
+    base = {"w": torch.zeros(2), "v": torch.zeros(2)}
+    a = {"w": torch.tensor([4.0, 0.1]), "v": torch.tensor([0.2, 3.0])}
+    b = {"w": torch.tensor([2.0, 0.3]), "v": torch.tensor([5.0, 0.4])}
+    out = merge(
+        tmp_path,
+        "localize_stitch",
+        {"base": base, "a": a, "b": b},
+        params={"sparsity": 0.5},
+        fused={"a": {"weight": 2.0}, "b": {"weight": 0.5}},
+    )
+    torch.testing.assert_close(out["w"], torch.tensor([4.5, 0.0]))
+    torch.testing.assert_close(out["v"], torch.tensor([2.5, 6.0]))

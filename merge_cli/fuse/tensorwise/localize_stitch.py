@@ -8,7 +8,8 @@ overlap, the tasks share the entry equally,
 
     theta = theta_0 + lambda * sum_t (gamma_t / max(1, sum_s gamma_s)) * tau_t,
 
-and an entry no mask keeps stays at the pre-trained value (lambda = 1 in the paper).
+and an entry no mask keeps stays at the pre-trained value (lambda = 1 in the paper). A
+per-model ``weight`` w_t scales tau_t after localization (1 by default, the paper's).
 
 The global threshold is a whole-model statistic, and the engine streams tensor by tensor,
 so it comes from a first streaming pass: the plan adds one derived input per merged tensor
@@ -38,6 +39,7 @@ from merge_cli.engine.chunks import row_numel
 from merge_cli.engine.method import TensorJob, TensorMethod
 from merge_cli.engine.plan import OutputTensor, aligned_tensors
 from merge_cli.fuse.tensorwise.selection import magnitude_keys, select_top_k
+from merge_cli.fuse.tensorwise.task_arithmetic import WeightParams
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo, info_of
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import FuseSpec, Recipe
@@ -175,29 +177,38 @@ def _plan_tensors(
 
 
 def stitch(
-    base: torch.Tensor, deltas: list[torch.Tensor], thresholds: torch.Tensor, scale: float
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    thresholds: list[float],
+    scale: float,
+    weights: list[float] | None = None,
 ) -> torch.Tensor:
-    """theta_0 + scale * sum_t gamma_t tau_t / max(1, sum_s gamma_s), gamma_t = |tau_t| >= c_t."""
+    """theta_0 + scale * sum_t gamma_t w_t tau_t / max(1, sum_s gamma_s), where
+    gamma_t = 1{|tau_t| >= c_t} (``deltas`` are overwritten)."""
     merged = torch.zeros_like(base)
     count = torch.zeros_like(base)
     for t, delta in enumerate(deltas):
         mask = (delta.abs() >= thresholds[t]).to(base.dtype)
+        if weights is not None and weights[t] != 1:
+            delta.mul_(weights[t])
         merged += delta.mul_(mask)
         count += mask
     return merged.div_(count.clamp_(min=1)).mul_(scale).add_(base)
 
 
-def _merge(job: TensorJob, params: Any, models: list[Any], _stats: Any) -> torch.Tensor:
+def _merge(job: TensorJob, params: Any, models: list[WeightParams], _stats: Any) -> torch.Tensor:
     assert job.base is not None
     tasks = len(models)
+    weights = [m.weight for m in models]
     deltas = [m - job.base for m in job.models[:tasks]]
-    if len(job.models) == tasks:  # a scalar: not in the masks, the mean task vector
-        merged = deltas[0]
-        for delta in deltas[1:]:
-            merged += delta
-        return merged.mul_(getattr(params, "lambda") / tasks).add_(job.base)
+    scale = getattr(params, "lambda")
+    if len(job.models) == tasks:  # a scalar: not in the masks, the weighted mean task vector
+        merged = deltas[0].mul_(weights[0])
+        for delta, weight in zip(deltas[1:], weights[1:], strict=True):
+            merged.add_(delta, alpha=weight)
+        return merged.mul_(scale / tasks).add_(job.base)
     thresholds = job.models[tasks].reshape(-1, tasks)[0].tolist()
-    return stitch(job.base, deltas, thresholds, getattr(params, "lambda"))
+    return stitch(job.base, deltas, thresholds, scale, weights)
 
 
 def _check(spec: FuseSpec, _fused: list[str]) -> list[str]:
@@ -222,6 +233,7 @@ METHOD = TensorMethod(
         "Arithmetic (TMLR)"
     ),
     params=LocalizeStitchParams,
+    model_params=WeightParams,
     needs_base=True,
     merge=_merge,
     plan_tensors=_plan_tensors,
