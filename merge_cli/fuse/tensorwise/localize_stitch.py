@@ -17,12 +17,13 @@ so it comes from a first streaming pass: the plan adds one derived input per mer
 row of the tensor, the T tasks' global thresholds. Its first read runs the pass: every
 float tensor of the base and the models is read once more in row chunks (at most
 ``PASS_CHUNK_BYTES`` of float32 per input at a time) and the exact k-th largest |tau_t| over
-the model is found by the radix selection of :mod:`merge_cli.fuse.tensorwise.selection`
-(two passes over the chunks, a histogram of 2**15 + 2**16 counts per task): memory stays
-flat in the model size, at the price of reading the inputs three times in all. Entries equal
-to a task's threshold are all kept (a tie at the exact float32 threshold is rare; TIES breaks
-such ties by position). k = floor(sparsity * number of entries). Tensors with no dimension
-(scalars) are left out of the masks and get the mean task vector.
+the model is found by radix selection on the float32 bit patterns (as in
+:mod:`merge_cli.fuse.tensorwise.selection`, without its per-chunk tie bookkeeping): two
+passes over the chunks that keep only a histogram of 2**15 + 2**16 counts per task, so
+memory stays flat in the model size, at the price of reading the inputs three times in
+all. Entries equal to a task's threshold are all kept (a tie at the exact float32 threshold
+is rare; TIES breaks such ties by position). k = floor(sparsity * number of entries).
+Tensors with no dimension (scalars) are left out of the masks and get the mean task vector.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pydantic import ConfigDict, Field, create_model
 from merge_cli.engine.chunks import row_numel
 from merge_cli.engine.method import TensorJob, TensorMethod
 from merge_cli.engine.plan import OutputTensor, aligned_tensors
-from merge_cli.fuse.tensorwise.selection import magnitude_keys, select_top_k
+from merge_cli.fuse.tensorwise.selection import HIGH_BINS, LOW_BINS, magnitude_keys
 from merge_cli.fuse.tensorwise.task_arithmetic import WeightParams
 from merge_cli.io.checkpoint import Checkpoint, TensorInfo, info_of
 from merge_cli.io.dtypes import is_float
@@ -68,34 +69,49 @@ def _row_ranges(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
+def _top_bin(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest key, how many keys lie in the bins above it)."""
+    above_or_in = histogram.flip(0).cumsum(0)
+    position = int(torch.searchsorted(above_or_in, k))  # first count from the top >= k
+    index = histogram.numel() - 1 - position
+    return index, int(above_or_in[position - 1]) if position else 0
+
+
 def global_thresholds(
     base: Checkpoint, models: list[Checkpoint], names: list[str], sparsity: float
 ) -> torch.Tensor:
     """Each task's k-th largest |tau_t| over ``names`` (float32 [T]; 0 keeps everything,
-    +inf nothing)."""
+    +inf nothing), k = floor(sparsity * entries), by radix selection on the float32 bit
+    patterns: a pass histograms the high 16 bits, a second the low 16 bits of the keys in
+    the threshold's high bin. Only the histograms are kept between chunks."""
 
-    def passes() -> Iterator[tuple[int, list[torch.Tensor]]]:
-        chunk = 0
+    def chunks() -> Iterator[list[torch.Tensor]]:
         for name in names:
             for rows in _row_ranges(base.info(name).shape):
                 reference = base.read(name, rows).float()
-                yield (
-                    chunk,
-                    [magnitude_keys(m.read(name, rows).float() - reference) for m in models],
-                )
-                chunk += 1
+                yield [magnitude_keys(m.read(name, rows).float() - reference) for m in models]
 
-    queries = [(t, lambda size: int(sparsity * size)) for t in range(len(models))]
-    found = select_top_k(passes, queries)
-    values = []
-    for top in found:
-        if top.k <= 0:
-            values.append(float("inf"))
-        elif top.k >= top.numel:
-            values.append(0.0)
-        else:
-            values.append(float(torch.tensor(top.threshold, dtype=torch.int32).view(torch.float32)))
-    return torch.tensor(values, dtype=torch.float32)
+    tasks = len(models)
+    high = torch.zeros(tasks, HIGH_BINS, dtype=torch.int64)
+    for keys in chunks():
+        for t, key in enumerate(keys):
+            high[t] += torch.bincount(key >> 16, minlength=HIGH_BINS)
+    total = int(high[0].sum())
+    k = int(sparsity * total)
+    if k <= 0 or k >= total:
+        return torch.full((tasks,), float("inf") if k <= 0 else 0.0)
+    bins = [_top_bin(high[t], k) for t in range(tasks)]
+    low = torch.zeros(tasks, LOW_BINS, dtype=torch.int64)
+    for keys in chunks():
+        for t, key in enumerate(keys):
+            in_bin = key[(key >> 16) == bins[t][0]] & 0xFFFF
+            low[t] += torch.bincount(in_bin, minlength=LOW_BINS)
+    thresholds = []
+    for t, (high_index, above) in enumerate(bins):
+        low_index, _ = _top_bin(low[t], k - above)
+        key = torch.tensor((high_index << 16) | low_index, dtype=torch.int32)
+        thresholds.append(float(key.view(torch.float32)))
+    return torch.tensor(thresholds, dtype=torch.float32)
 
 
 class StitchThresholds:
