@@ -31,12 +31,12 @@ from pydantic import Field
 
 from merge_cli.engine.chunks import task_vectors
 from merge_cli.engine.method import TensorJob, TensorMethod
-from merge_cli.fuse.tensorwise import ties
 from merge_cli.fuse.tensorwise.task_arithmetic import (
     WeightParams,
     combine_task_vectors,
     task_vector_params,
 )
+from merge_cli.fuse.tensorwise.ties import DensityParams, keep_top, magnitude_top_k
 
 
 def _lambda_field() -> Any:
@@ -51,7 +51,7 @@ class ConsensusModelParams(WeightParams):
     tall_mask_lambda: float = _lambda_field()
 
 
-class ConsensusTiesModelParams(ties.DensityParams):
+class ConsensusTiesModelParams(DensityParams):
     tall_mask_lambda: float = _lambda_field()
 
 
@@ -98,7 +98,7 @@ def _statistics(passes: Any, _params: Any, models: list[ConsensusTiesModelParams
     """TIES's exact whole-tensor top-k magnitude selections (k = floor(density * numel))."""
     trimmed = [i for i, m in enumerate(models) if m.density < 1]
     queries = [(i, lambda size, d=models[i].density: int(d * size)) for i in trimmed]
-    found = dict(zip(trimmed, ties.magnitude_top_k(passes, queries), strict=True))
+    found = dict(zip(trimmed, magnitude_top_k(passes, queries), strict=True))
     return [found.get(i) for i in range(len(models))]
 
 
@@ -109,9 +109,7 @@ def _merge_ties(
     weights = [m.weight for m in models]
     deltas = task_vectors(job)
     originals = [d * w for d, w in zip(deltas, weights, strict=True)]
-    trimmed = [
-        ties.keep_top(delta, top, job.rows[0]) for delta, top in zip(deltas, stats, strict=True)
-    ]
+    trimmed = [keep_top(delta, top, job.rows[0]) for delta, top in zip(deltas, stats, strict=True)]
     merged = combine_task_vectors(
         torch.zeros_like(job.base),
         trimmed,

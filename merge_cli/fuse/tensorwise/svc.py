@@ -32,19 +32,17 @@ import torch
 from pydantic import Field, create_model
 
 from merge_cli.engine.method import TensorJob, TensorMethod
-from merge_cli.fuse.tensorwise import (
-    breadcrumbs,
-    consensus,
-    dare,
-    della,
-    iso,
-    model_stock,
-    sce,
-    task_arithmetic,
-    ties,
-    tsv,
-    wudi,
-)
+from merge_cli.fuse.tensorwise.breadcrumbs import METHODS as BREADCRUMBS
+from merge_cli.fuse.tensorwise.consensus import METHODS as CONSENSUS
+from merge_cli.fuse.tensorwise.dare import METHODS as DARE
+from merge_cli.fuse.tensorwise.della import METHODS as DELLA
+from merge_cli.fuse.tensorwise.iso import METHODS as ISO
+from merge_cli.fuse.tensorwise.model_stock import METHOD as MODEL_STOCK
+from merge_cli.fuse.tensorwise.sce import METHOD as SCE
+from merge_cli.fuse.tensorwise.task_arithmetic import METHOD as TASK_ARITHMETIC
+from merge_cli.fuse.tensorwise.ties import METHOD as TIES
+from merge_cli.fuse.tensorwise.tsv import METHOD as TSV
+from merge_cli.fuse.tensorwise.wudi import METHOD as WUDI
 
 REFERENCE = (
     "Li et al. 2026, When Shared Knowledge Hurts: Spectral Over-Accumulation in Model "
@@ -101,16 +99,16 @@ def _with_svc(inner: TensorMethod) -> TensorMethod:
 METHODS = [
     _with_svc(method)
     for method in (
-        task_arithmetic.METHOD,
-        ties.METHOD,
-        *dare.METHODS,
-        *breadcrumbs.METHODS,
-        *della.METHODS,
-        model_stock.METHOD,
-        sce.METHOD,
-        tsv.METHOD,
-        *iso.METHODS,
-        *consensus.METHODS,
-        wudi.METHOD,
+        TASK_ARITHMETIC,
+        TIES,
+        *DARE,
+        *BREADCRUMBS,
+        *DELLA,
+        MODEL_STOCK,
+        SCE,
+        TSV,
+        *ISO,
+        *CONSENSUS,
+        WUDI,
     )
 ]
