@@ -6,9 +6,12 @@ from __future__ import annotations
 from merge_cli.engine.method import TensorMethod
 from merge_cli.fuse.tensorwise import (
     breadcrumbs,
+    consensus,
     dare,
     della,
+    iso,
     linear,
+    localize_stitch,
     model_stock,
     multislerp,
     nearswap,
@@ -16,8 +19,11 @@ from merge_cli.fuse.tensorwise import (
     ram,
     sce,
     slerp,
+    svc,
     task_arithmetic,
     ties,
+    tsv,
+    wudi,
 )
 
 #: Every per-tensor weight-averaging method by name, in the order ``merge-cli methods`` lists.
@@ -37,5 +43,11 @@ TENSOR_METHODS: dict[str, TensorMethod] = {
         sce.METHOD,
         nearswap.METHOD,
         *ram.METHODS,
+        tsv.METHOD,
+        *iso.METHODS,
+        *consensus.METHODS,
+        wudi.METHOD,
+        localize_stitch.METHOD,
+        *svc.METHODS,
     )
 }
