@@ -39,11 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from merge_cli.engine.method import TensorJob, TensorMethod
 from merge_cli.fuse.tensorwise.spectral import (
-    is_matrix,
-    mean_fallback,
+    merge_matrices,
     orthogonalize,
     top_singular,
-    weighted_task_vectors,
 )
 from merge_cli.fuse.tensorwise.task_arithmetic import WeightParams
 
@@ -100,22 +98,16 @@ def iso_cts_merge(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
 def _merge_c(
     job: TensorJob, params: IsoCParams, models: list[WeightParams], _stats: Any
 ) -> torch.Tensor:
-    assert job.base is not None
-    deltas = weighted_task_vectors(job, [m.weight for m in models])
-    if not is_matrix(job):
-        return mean_fallback(job, deltas, params.alpha)
-    return iso_c_merge(deltas).mul_(params.alpha).add_(job.base)
+    return merge_matrices(job, [m.weight for m in models], params.alpha, iso_c_merge)
 
 
 def _merge_cts(
     job: TensorJob, params: IsoCtsParams, models: list[WeightParams], _stats: Any
 ) -> torch.Tensor:
-    assert job.base is not None
-    deltas = weighted_task_vectors(job, [m.weight for m in models])
-    if not is_matrix(job):
-        return mean_fallback(job, deltas, params.alpha)
-    merged = iso_cts_merge(deltas, params.common_space_fraction)
-    return merged.mul_(params.alpha).add_(job.base)
+    def merge(deltas: list[torch.Tensor]) -> torch.Tensor:
+        return iso_cts_merge(deltas, params.common_space_fraction)
+
+    return merge_matrices(job, [m.weight for m in models], params.alpha, merge)
 
 
 REFERENCE = (

@@ -22,6 +22,7 @@ Two SVDs are used:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -67,6 +68,22 @@ def mean_fallback(job: TensorJob, deltas: list[torch.Tensor], alpha: float) -> t
     for delta in deltas[1:]:
         merged += delta
     return merged.mul_(alpha / len(deltas)).add_(job.base)
+
+
+def merge_matrices(
+    job: TensorJob,
+    weights: list[float],
+    alpha: float,
+    merge: Callable[[list[torch.Tensor]], torch.Tensor],
+    applies: bool = True,
+) -> torch.Tensor:
+    """theta_0 + alpha * merge(tau_1, ..., tau_T) for a 2-D weight (``applies`` and
+    :func:`is_matrix`), else :func:`mean_fallback`: the shape of every spectral method."""
+    assert job.base is not None
+    deltas = weighted_task_vectors(job, weights)
+    if not is_matrix(job) or not applies:
+        return mean_fallback(job, deltas, alpha)
+    return merge(deltas).mul_(alpha).add_(job.base)
 
 
 def top_singular(

@@ -31,12 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from merge_cli.engine.method import TensorJob, TensorMethod
 from merge_cli.fuse.tensorwise.spectral import (
     SvdKind,
-    is_matrix,
-    mean_fallback,
+    merge_matrices,
     orthogonalize,
     svd_field,
     top_singular,
-    weighted_task_vectors,
 )
 from merge_cli.fuse.tensorwise.task_arithmetic import WeightParams
 
@@ -63,12 +61,12 @@ def tsv_merge(
 def _merge(
     job: TensorJob, params: TsvParams, models: list[WeightParams], _stats: Any
 ) -> torch.Tensor:
-    assert job.base is not None
-    deltas = weighted_task_vectors(job, [m.weight for m in models])
-    if not is_matrix(job) or min(job.shape) < len(deltas):
-        return mean_fallback(job, deltas, params.alpha)
-    merged = tsv_merge(deltas, kind=params.svd, seed=job.seed)
-    return merged.mul_(params.alpha).add_(job.base)
+    def merge(deltas: list[torch.Tensor]) -> torch.Tensor:
+        return tsv_merge(deltas, kind=params.svd, seed=job.seed)
+
+    # fewer rows or columns than tasks leave no rank per task: the mean, as for a vector
+    applies = min(job.shape, default=0) >= len(models)
+    return merge_matrices(job, [m.weight for m in models], params.alpha, merge, applies)
 
 
 METHOD = TensorMethod(

@@ -37,7 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from merge_cli.engine.method import TensorJob, TensorMethod
-from merge_cli.fuse.tensorwise.spectral import is_matrix, mean_fallback, weighted_task_vectors
+from merge_cli.fuse.tensorwise.spectral import merge_matrices
 from merge_cli.fuse.tensorwise.task_arithmetic import WeightParams
 
 
@@ -78,11 +78,10 @@ def wudi_merge(deltas: list[torch.Tensor], epsilon: float) -> torch.Tensor:
 def _merge(
     job: TensorJob, params: WudiParams, models: list[WeightParams], _stats: Any
 ) -> torch.Tensor:
-    assert job.base is not None
-    deltas = weighted_task_vectors(job, [m.weight for m in models])
-    if not is_matrix(job):
-        return mean_fallback(job, deltas, params.alpha)
-    return wudi_merge(deltas, params.epsilon).mul_(params.alpha).add_(job.base)
+    def merge(deltas: list[torch.Tensor]) -> torch.Tensor:
+        return wudi_merge(deltas, params.epsilon)
+
+    return merge_matrices(job, [m.weight for m in models], params.alpha, merge)
 
 
 METHOD = TensorMethod(
