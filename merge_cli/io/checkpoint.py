@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -294,6 +295,46 @@ class InMemoryCheckpoint:
         self.info(name)
         tensor = self._tensors[name]
         return tensor if rows is None else tensor[rows[0] : rows[1]]
+
+
+class ComputedCheckpoint:
+    """Tensors cut from one value that is computed on the first read: a statistic a method
+    derives from all its inputs (MoE routers, global thresholds), offered as a lazy input
+    (``TensorMethod.derived_inputs``) so the plan is still made from headers alone.
+
+    The value is computed once, under a lock (the executor's reader and statistics threads
+    may ask at the same time). ``select(value, name, start, stop)`` gives rows
+    ``[start, stop)`` of tensor ``name``.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        infos: list[TensorInfo],
+        compute: Callable[[], torch.Tensor],
+        select: Callable[[torch.Tensor, str, int, int], torch.Tensor],
+    ):
+        self.source = source
+        self.directory: Path | None = None
+        self._infos = {info.name: info for info in infos}
+        self._compute = compute
+        self._select = select
+        self._value: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def tensor_names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return info_of(self._infos, self.source, name)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        shape = self.info(name).shape
+        start, stop = rows if rows is not None else (0, shape[0])
+        with self._lock:
+            if self._value is None:
+                self._value = self._compute()
+        return self._select(self._value, name, start, stop)
 
 
 def read_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:

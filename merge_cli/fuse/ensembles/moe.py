@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from merge_cli.engine.method import TensorMethod, copy_first
 from merge_cli.engine.params import count_layers
 from merge_cli.engine.plan import OutputTensor, output_dtype
 from merge_cli.errors import PlanError
-from merge_cli.io.checkpoint import Checkpoint, TensorInfo, info_of
+from merge_cli.io.checkpoint import Checkpoint, ComputedCheckpoint, TensorInfo
 from merge_cli.recipe import Recipe, TaskSpec
 from merge_cli.task import Task
 
@@ -109,40 +108,18 @@ def check_dense_config(config: dict[str, Any], source: str) -> None:
 # Routers: a lazy derived input, computed on first read
 
 
-class RouterCheckpoint:
-    """The routers of every layer as a checkpoint; computed once, when first read."""
+def router_checkpoint(
+    num_layers: int, num_experts: int, hidden_size: int, compute: Callable[[], torch.Tensor]
+) -> ComputedCheckpoint:
+    """The routers of every layer (``compute`` gives them stacked, ``[layers, experts,
+    hidden]``), computed once, when first read."""
+    names = [router_name(layer) for layer in range(num_layers)]
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_experts: int,
-        hidden_size: int,
-        dtype: torch.dtype,
-        compute: Callable[[], torch.Tensor],
-    ):
-        self.source = "<moe router>"
-        self.directory: Path | None = None
-        self._infos = {
-            router_name(layer): TensorInfo(router_name(layer), (num_experts, hidden_size), dtype)
-            for layer in range(num_layers)
-        }
-        self._compute = compute
-        self._gates: torch.Tensor | None = None
-        self._lock = threading.Lock()
+    def select(gates: torch.Tensor, name: str, start: int, stop: int) -> torch.Tensor:
+        return gates[names.index(name)][start:stop]
 
-    def tensor_names(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        return info_of(self._infos, self.source, name)
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        self.info(name)
-        with self._lock:
-            if self._gates is None:
-                self._gates = self._compute()
-        gate = self._gates[self.tensor_names().index(name)]
-        return gate if rows is None else gate[rows[0] : rows[1]]
+    infos = [TensorInfo(name, (num_experts, hidden_size), torch.float32) for name in names]
+    return ComputedCheckpoint("<moe router>", infos, compute, select)
 
 
 def prompt_hidden_states(
@@ -241,11 +218,7 @@ def derived_routers(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> dict[
             return torch.randn(shape, generator=generator) * scale
         return hidden_gates(base, config, prompts, average=params.gate_mode == "hidden_avg")
 
-    return {
-        ROUTER_SOURCE: RouterCheckpoint(
-            num_layers, len(experts), hidden_size, torch.float32, compute
-        )
-    }
+    return {ROUTER_SOURCE: router_checkpoint(num_layers, len(experts), hidden_size, compute)}
 
 
 # ---------------------------------------------------------------------------------------

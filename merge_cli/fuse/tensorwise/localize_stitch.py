@@ -13,7 +13,7 @@ per-model ``weight`` w_t scales tau_t after localization (1 by default, the pape
 
 The global threshold is a whole-model statistic, and the engine streams tensor by tensor,
 so it comes from a first streaming pass: the plan adds one derived input per merged tensor
-(:class:`StitchThresholds`, built from headers when the plan is made) that holds, for each
+(:func:`_stitch_thresholds`, built from headers when the plan is made) that holds, for each
 row of the tensor, the T tasks' global thresholds. Its first read runs the pass: every
 float tensor of the base and the models is read once more in row chunks (at most
 ``PASS_CHUNK_BYTES`` of float32 per input at a time) and the exact k-th largest |tau_t| over
@@ -28,9 +28,7 @@ Tensors with no dimension (scalars) are left out of the masks and get the mean t
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +39,7 @@ from merge_cli.engine.method import TensorJob, TensorMethod
 from merge_cli.engine.plan import OutputTensor, aligned_tensors
 from merge_cli.fuse.tensorwise.selection import HIGH_BINS, LOW_BINS, magnitude_keys
 from merge_cli.fuse.tensorwise.task_arithmetic import WeightParams
-from merge_cli.io.checkpoint import Checkpoint, TensorInfo, info_of
+from merge_cli.io.checkpoint import Checkpoint, ComputedCheckpoint, TensorInfo
 from merge_cli.io.dtypes import is_float
 from merge_cli.recipe import FuseSpec, Recipe
 
@@ -114,31 +112,17 @@ def global_thresholds(
     return torch.tensor(thresholds, dtype=torch.float32)
 
 
-class StitchThresholds:
+def _stitch_thresholds(
+    shapes: dict[str, tuple[int, ...]], compute: Callable[[], torch.Tensor]
+) -> ComputedCheckpoint:
     """A derived checkpoint: for every merged tensor, a ``[rows, T]`` tensor whose rows all
     hold the T global thresholds; the whole-model pass runs once, on the first read."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], compute: Callable[[], torch.Tensor]):
-        self.source = STITCH_SOURCE
-        self.directory: Path | None = None
-        self._infos = {n: TensorInfo(n, shape, torch.float32) for n, shape in shapes.items()}
-        self._compute = compute
-        self._values: torch.Tensor | None = None
-        self._lock = threading.Lock()
+    def select(values: torch.Tensor, _name: str, start: int, stop: int) -> torch.Tensor:
+        return values.expand(stop - start, -1).clone()
 
-    def tensor_names(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        return info_of(self._infos, self.source, name)
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        shape = self.info(name).shape
-        with self._lock:
-            if self._values is None:
-                self._values = self._compute()
-        start, stop = rows if rows is not None else (0, shape[0])
-        return self._values.expand(stop - start, -1).clone()
+    infos = [TensorInfo(name, shape, torch.float32) for name, shape in shapes.items()]
+    return ComputedCheckpoint(STITCH_SOURCE, infos, compute, select)
 
 
 def _masked_names(checkpoint: Checkpoint) -> list[str]:
@@ -163,7 +147,7 @@ def derived_thresholds(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> di
     tasks = len(models)
     shapes = {n: (base.info(n).shape[0], tasks) for n in names}
     return {
-        STITCH_SOURCE: StitchThresholds(
+        STITCH_SOURCE: _stitch_thresholds(
             shapes, lambda: global_thresholds(base, models, names, params.sparsity)
         )
     }
