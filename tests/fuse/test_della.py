@@ -64,3 +64,19 @@ def test_rank_fraction_equals_a_stable_argsort_with_ties(width):
     expected.scatter_(1, order, torch.arange(width).expand_as(order))
     assert torch.equal(rank_fraction(magnitudes), expected.float() / (width - 1))
     assert torch.equal(rank_fraction(torch.ones(4, 1)), torch.full((4, 1), 0.5))
+
+
+def test_an_empty_density_gradient_is_one_message():
+    """Found by the fuzz test: the range check must leave an empty gradient to the
+    parameter checks, not index it."""
+    from merge_cli.config import recipe_from_dict
+    from merge_cli.errors import RecipeError
+
+    raw = {
+        "models": {"base": "base.safetensors", "one": "one.safetensors"},
+        "fuse": {"method": "della", "base": "base", "params": {"density": []}},
+        "save": {"path": "out"},
+    }
+    with pytest.raises(RecipeError) as error:
+        recipe_from_dict(raw)
+    assert "fuse.params.density: a gradient needs at least one value" in error.value.problems

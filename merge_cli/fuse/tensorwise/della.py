@@ -57,6 +57,8 @@ def _values_at_knots(density: Any, epsilon: Any) -> list[tuple[float, float]]:
     lists = [v if isinstance(v, list) else [v] for v in (density, epsilon)]
     if not all(isinstance(x, int | float) and not isinstance(x, bool) for v in lists for x in v):
         return []  # not numbers: the parameter checks report it
+    if not all(lists):
+        return []  # an empty gradient: the parameter checks report it
     knots = sorted({i / max(len(v) - 1, 1) for v in lists for i in range(len(v))})
     return [(interpolate(lists[0], k), interpolate(lists[1], k)) for k in knots]
 
